@@ -1,0 +1,298 @@
+"""Raw limits of this machine, measured in the same run as the benchmarks reported against them.
+
+Sockets are set up as the real transport sets them: TCP_NODELAY, default buffer sizes.
+Print them with ``python -m benchmarks.limits [--quick]``."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
+from typing import Any, TypedDict
+
+import numpy as np
+import uvloop
+
+MiB = 1 << 20
+HEADER = struct.Struct("!I")  # length prefix of every echo message
+MESSAGE = HEADER.pack(96) + b"x" * 96  # 100 bytes with its prefix
+STARTUP_TIMEOUT_S = 30.0  # a spawned child imports numpy and uvloop before it listens
+HELPER_LIFETIME_S = 300.0  # a helper exits after this long whatever happens
+
+
+class LimitTimeout(TimeoutError):
+    """A limit measurement did not finish within its time bound."""
+
+
+class LatencyUs(TypedDict):
+    p50: float
+    p99: float
+
+
+def _watchdog(parent_pid: int) -> None:
+    """Exit this helper when its parent dies or its lifetime ends, so none is left behind."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + HELPER_LIFETIME_S
+        while os.getppid() == parent_pid and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@contextmanager
+def _helper(target: Callable[..., None], *args: Any) -> Iterator[int]:
+    """Run target(port_conn, parent_pid, *args) in a spawned process; yield the port it reports."""
+    ctx = mp.get_context("spawn")
+    recv_end, send_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(send_end, os.getpid(), *args), daemon=True)
+    proc.start()
+    send_end.close()
+    try:
+        if not recv_end.poll(STARTUP_TIMEOUT_S):
+            raise LimitTimeout(f"{target.__name__} did not report a port within {STARTUP_TIMEOUT_S:g} s")
+        try:
+            port = recv_end.recv()
+        except EOFError:
+            proc.join(1.0)
+            raise RuntimeError(f"{target.__name__} exited ({proc.exitcode}) before listening") from None
+        yield port
+    finally:
+        recv_end.close()
+        proc.join(5.0)  # helpers exit once their client disconnects; a stuck one is killed
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _nodelay(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _uv_run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run coro to completion on a fresh uvloop loop (uvloop.run needs uvloop >= 0.18)."""
+    loop = uvloop.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def _median_s(action: Callable[[], object], rounds: int) -> float:
+    """Median seconds of action over rounds, after one untimed warm-up call."""
+    action()
+    times: list[float] = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _stream_receiver(port_conn: Connection, parent_pid: int, nbytes: int, rounds: int) -> None:
+    """Receive nbytes per round into one preallocated buffer and acknowledge each with one byte."""
+    _watchdog(parent_pid)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port_conn.send(server.getsockname()[1])
+        port_conn.close()
+        conn, _ = server.accept()
+    with conn:
+        _nodelay(conn)
+        view = memoryview(np.empty(nbytes, dtype=np.uint8)).cast("B")
+        for _ in range(rounds):
+            got = 0
+            while got < nbytes:
+                n = conn.recv_into(view[got:])
+                if n == 0:
+                    return
+                got += n
+            conn.sendall(b"\x01")
+
+
+def socket_stream_gbps(nbytes: int = 64 * MiB, rounds: int = 3, timeout_s: float = 60.0) -> float:
+    """Median loopback TCP GB/s: sendall of nbytes, timed until the receiver acks it; each
+    send and each ack wait is bounded by timeout_s."""
+    payload = np.ones(nbytes, dtype=np.uint8)  # ones, not empty, so its pages are already mapped
+    with _helper(_stream_receiver, nbytes, rounds + 1) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+            _nodelay(sock)
+
+            def send_round() -> None:
+                sock.sendall(payload)
+                if sock.recv(1) != b"\x01":
+                    raise RuntimeError("stream receiver closed before acknowledging")
+
+            try:
+                return nbytes / _median_s(send_round, rounds) / 1e9
+            except TimeoutError:
+                raise LimitTimeout(f"streaming {nbytes} bytes took over {timeout_s:g} s") from None
+
+
+class _FramedProtocol(asyncio.Protocol):
+    """Splits the stream into length-prefixed messages and hands each, whole, to on_message."""
+
+    transport: asyncio.Transport
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        _nodelay(transport.get_extra_info("socket"))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos = 0
+        while len(buf) - pos >= HEADER.size:
+            end = pos + HEADER.size + HEADER.unpack_from(buf, pos)[0]
+            if len(buf) < end:
+                break
+            self.on_message(bytes(buf[pos:end]))
+            pos = end
+        del buf[:pos]
+
+    def on_message(self, message: bytes) -> None:
+        raise NotImplementedError
+
+
+class _EchoProtocol(_FramedProtocol):
+    """Writes each message back as it completes: one reply per request, like a real server."""
+
+    def __init__(self, lost: asyncio.Future[None]) -> None:
+        super().__init__()
+        self.lost = lost
+
+    def on_message(self, message: bytes) -> None:
+        self.transport.write(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+async def _serve_echo(port_conn: Connection) -> None:
+    """Echo for one client and return once it disconnects, so the helper exits by itself."""
+    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    server = await asyncio.get_running_loop().create_server(lambda: _EchoProtocol(lost), "127.0.0.1", 0)
+    port_conn.send(server.sockets[0].getsockname()[1])
+    port_conn.close()
+    await lost
+
+
+def _echo_server(port_conn: Connection, parent_pid: int) -> None:
+    _watchdog(parent_pid)
+    _uv_run(_serve_echo(port_conn))
+
+
+class _EchoClient(_FramedProtocol):
+    """Keeps up to window messages in flight, sending one more as each echo arrives; run(n)
+    awaits a future that data_received resolves, as a real client awaits its requests."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window = window
+        self.n = self.sent = self.received = 0
+        self.done: asyncio.Future[None] | None = None
+
+    async def run(self, n: int) -> None:
+        self.n, self.received, self.sent = n, 0, min(self.window, n)
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport.write(MESSAGE * self.sent)
+        await self.done
+
+    def on_message(self, message: bytes) -> None:
+        assert self.done is not None
+        self.received += 1
+        if self.sent < self.n:
+            self.sent += 1
+            self.transport.write(MESSAGE)
+        elif self.received == self.n:
+            self.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.done is not None and not self.done.done():  # fail now rather than time out
+            self.done.set_exception(ConnectionError(f"echo helper disconnected: {exc or 'EOF'}"))
+
+
+def _run_echo(window: int, body: Callable[[_EchoClient], Awaitable[Any]], timeout_s: float, what: str) -> Any:
+    """Run body on a client of a fresh echo helper, on a fresh uvloop loop, within timeout_s."""
+
+    async def session(port: int) -> Any:
+        loop = asyncio.get_running_loop()
+        transport, client = await loop.create_connection(lambda: _EchoClient(window), "127.0.0.1", port)
+        try:
+            return await body(client)
+        finally:
+            transport.close()
+
+    with _helper(_echo_server) as port:
+        try:
+            return _uv_run(asyncio.wait_for(session(port), timeout_s))
+        except asyncio.TimeoutError:
+            raise LimitTimeout(f"{what} took over {timeout_s:g} s") from None
+
+
+def uvloop_pingpong_us(n: int = 2000, warmup: int = 200, timeout_s: float = 60.0) -> LatencyUs:
+    """Round-trip latency percentiles in microseconds for one 100-byte message at a time."""
+
+    async def body(client: _EchoClient) -> list[float]:
+        times: list[float] = []
+        for _ in range(warmup + n):
+            start = time.perf_counter()
+            await client.run(1)
+            times.append(time.perf_counter() - start)
+        return times[warmup:]
+
+    times_us = np.array(_run_echo(1, body, timeout_s, f"{n} uvloop round trips")) * 1e6
+    return LatencyUs(p50=float(np.percentile(times_us, 50)), p99=float(np.percentile(times_us, 99)))
+
+
+def uvloop_pipelined_msgs_per_s(n: int = 100_000, window: int = 64, timeout_s: float = 60.0) -> float:
+    """Echoed messages per second with window 100-byte messages kept in flight."""
+
+    async def body(client: _EchoClient) -> float:
+        await client.run(max(n // 10, window))  # warm-up
+        start = time.perf_counter()
+        await client.run(n)
+        return n / (time.perf_counter() - start)
+
+    return _run_echo(window, body, timeout_s, f"{n} pipelined uvloop messages")
+
+
+def memcpy_gbps(nbytes: int = 64 * MiB, rounds: int = 5) -> float:
+    """Median np.copyto bandwidth in GB/s, counting the bytes copied (not read plus written)."""
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    return nbytes / _median_s(lambda: np.copyto(dst, src), rounds) / 1e9
+
+
+def measure_all(quick: bool = False) -> dict[str, float]:
+    """Every limit, flat; quick=True trades precision for a run of a few seconds."""
+    size = (16 if quick else 64) * MiB
+    latency = uvloop_pingpong_us(n=500 if quick else 2000)
+    return {
+        "socket_stream_gbps": socket_stream_gbps(size, rounds=3),
+        "uvloop_pingpong_p50_us": latency["p50"],
+        "uvloop_pingpong_p99_us": latency["p99"],
+        "uvloop_pipelined_msgs_per_s": uvloop_pipelined_msgs_per_s(n=20_000 if quick else 100_000),
+        "memcpy_gbps": memcpy_gbps(size, rounds=3 if quick else 5),
+    }
+
+
+if __name__ == "__main__":
+    limits = measure_all(quick="--quick" in sys.argv[1:])
+    width = max(map(len, limits))
+    print(f"{'limit':<{width}}  {'value':>12}")
+    for name, value in limits.items():
+        print(f"{name:<{width}}  {value:>12,.2f}")

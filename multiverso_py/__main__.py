@@ -1,0 +1,3 @@
+from multiverso_py.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""The process-level API: join a job, leave it, and ask about it.
+
+`init()` with no scheduler address (and no MV_SCHEDULER) starts an embedded job: a
+scheduler and a server on this process's I/O thread, this process as worker 0 of 1.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from typing import Any, Optional
+
+from multiverso_py import context
+from multiverso_py.client import Client, ClientConfig
+from multiverso_py.errors import InvalidArgument, NotInitialized
+from multiverso_py.scheduler import Scheduler, SchedulerConfig
+from multiverso_py.server import Server, ServerConfig
+from multiverso_py.transport import LoopThread, parse_address
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 60.0
+_INIT_OPTIONS = {"threads"}
+
+
+class Job:
+    """This process's membership in a job. A context manager: leaving the block shuts down."""
+
+    def __init__(self, io: LoopThread, client: Client, embedded: Optional[tuple[Scheduler, Server]]):
+        self.io = io
+        self.client = client
+        self.embedded = embedded
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        shutdown()
+
+    def close(self) -> None:
+        try:
+            self.client.leave()
+        finally:
+            if self.embedded is not None:
+                scheduler, server = self.embedded
+                self.io.call_soon(scheduler.close)
+                self.io.call_soon(server.close)
+            self.io.stop()
+
+
+_job: Optional[Job] = None
+_lock = threading.Lock()
+
+
+def init(scheduler: Optional[str] = None, *, timeout: Optional[float] = None, consistency: Optional[str] = None,
+         staleness: Optional[int] = None, **options: Any) -> Job:
+    """Join a job (scheduler "HOST:PORT", else MV_SCHEDULER), or start an embedded one."""
+    global _job
+    unknown = set(options) - _INIT_OPTIONS
+    if unknown:
+        raise InvalidArgument(f"mv.init() got unknown option(s) {', '.join(sorted(unknown))}; "
+                              f"it accepts scheduler, timeout, consistency, staleness, {', '.join(sorted(_INIT_OPTIONS))}")
+    timeout = _resolve_timeout(timeout)
+    consistency = consistency or os.environ.get("MV_CONSISTENCY") or None
+    if staleness is None and os.environ.get("MV_STALENESS"):
+        staleness = _int_env("MV_STALENESS")
+    address = scheduler or os.environ.get("MV_SCHEDULER") or None
+    target = parse_address(address) if address else None
+    context.check_consistency(consistency or "async")
+    context.check_staleness(0 if staleness is None else staleness)
+    with _lock:
+        if _job is not None:
+            raise InvalidArgument("mv.init() was called already in this process; call mv.shutdown() first")
+        io = LoopThread()
+        client = Client(io, ClientConfig(timeout=timeout))
+        embedded = None
+        try:
+            if target is None:
+                embedded = io.run(_start_embedded(options.get("threads")), timeout)
+                target = parse_address(embedded[0].address)
+            client.start(target, _int_env("MV_RANK") if os.environ.get("MV_RANK") else None)
+        except BaseException:
+            if embedded is not None:
+                io.call_soon(embedded[0].close)
+                io.call_soon(embedded[1].close)
+            io.stop()
+            raise
+        _job = Job(io, client, embedded)
+        context.install(client, consistency, staleness)
+    atexit.register(_shutdown_at_exit)
+    return _job
+
+
+async def _start_embedded(threads: Optional[int]) -> tuple[Scheduler, Server]:
+    scheduler = Scheduler(SchedulerConfig(workers=1, servers=1))
+    await scheduler.start()
+    server = Server(ServerConfig(threads=threads) if threads else ServerConfig())
+    await server.start()
+    await server.register(parse_address(scheduler.address))
+    return scheduler, server
+
+
+def _resolve_timeout(timeout: Optional[float]) -> float:
+    if timeout is None:
+        raw = os.environ.get("MV_TIMEOUT")
+        try:
+            timeout = float(raw) if raw else DEFAULT_TIMEOUT
+        except ValueError:
+            raise InvalidArgument(f"MV_TIMEOUT={raw!r} is not a number of seconds") from None
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _int_env(name: str) -> int:
+    raw = os.environ[name]
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidArgument(f"{name}={raw!r} is not an integer") from None
+
+
+def shutdown() -> None:
+    """Flush pending adds, leave the job and close connections. Safe to call twice."""
+    global _job
+    with _lock:
+        job, _job = _job, None
+        context.clear()
+    if job is not None:
+        job.close()
+
+
+def _shutdown_at_exit() -> None:
+    try:
+        shutdown()
+    except Exception as exc:  # the interpreter is exiting: report, do not raise
+        log.warning("mv.shutdown() at exit failed: %s", exc)
+
+
+def _client() -> Client:
+    if _job is None:
+        raise NotInitialized("no multiverso_py job in this process: call mv.init() first")
+    return _job.client
+
+
+def worker_id() -> int:
+    return _client().worker_id
+
+
+def workers_num() -> int:
+    return _client().workers_num
+
+
+def servers_num() -> int:
+    return len(_client().servers)
+
+
+def is_master_worker() -> bool:
+    return _client().worker_id == 0
+
+
+def barrier() -> None:
+    """Wait until this worker's adds are acknowledged, then for every live worker."""
+    _client().barrier()
+
+
+def clock() -> None:
+    """This worker finished an iteration. All tables are asynchronous for now, so there
+    is no clock to advance yet; the call checks that a job is running."""
+    _client()
+
+
+__all__ = ["init", "shutdown", "worker_id", "workers_num", "servers_num", "is_master_worker", "barrier", "clock",
+           "Job"]

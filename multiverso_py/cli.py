@@ -1,0 +1,146 @@
+"""The multiverso-py command line: scheduler, server and the local launcher."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Optional, Sequence
+
+from multiverso_py.errors import MultiversoError
+from multiverso_py.scheduler import Scheduler, SchedulerConfig
+from multiverso_py.server import Server, ServerConfig
+from multiverso_py.transport import new_event_loop, parse_address
+
+log = logging.getLogger("multiverso_py")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0 picks a free one)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multiverso-py",
+        description="A parameter server for Python training code. Start a whole local job with "
+                    "'multiverso-py run', or its parts with 'scheduler' and 'server'.",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="logging verbosity (default: info)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sched = sub.add_parser("scheduler", help="run a job's scheduler",
+                           description="Register servers and workers, run barriers, own the shard map.")
+    sched.add_argument("--port", type=_port, required=True, help="port to listen on (0 picks a free one)")
+    sched.add_argument("--workers", type=_positive, required=True, help="number of workers in the job")
+    sched.add_argument("--servers", type=_positive, default=1,
+                       help="workers start once this many servers have registered (default: 1)")
+    sched.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    sched.add_argument("--ready-file", help="write HOST:PORT here once listening (for launchers)")
+
+    serv = sub.add_parser("server", help="run a server that holds table partitions",
+                          description="Hold table partitions and apply gets and adds from workers.")
+    serv.add_argument("--scheduler", required=True, metavar="HOST:PORT", help="the job's scheduler")
+    serv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serv.add_argument("--port", type=_port, default=0, help="port to listen on (default: a free one)")
+    serv.add_argument("--threads", type=_positive, default=ServerConfig.threads,
+                      help=f"threads for table work (default: {ServerConfig.threads})")
+    serv.add_argument("--ready-file", help="write HOST:PORT here once registered (for launchers)")
+
+    run = sub.add_parser("run", help="run a local job: scheduler, servers and N copies of a command",
+                         description="Start a scheduler and M servers, run N copies of CMD with MV_SCHEDULER "
+                                     "set, prefix their output, stop everything when CMD ends, and exit with "
+                                     "the first non-zero status.",
+                         epilog="example: multiverso-py run --workers 2 --servers 2 -- python train.py")
+    run.add_argument("--workers", type=_positive, default=1, help="copies of CMD to run (default: 1)")
+    run.add_argument("--servers", type=_positive, default=1, help="servers to start (default: 1)")
+    run.add_argument("--consistency", choices=["async"], help="default consistency model (MV_CONSISTENCY)")
+    run.add_argument("--staleness", type=int, help="default SSP staleness (MV_STALENESS)")
+    run.add_argument("--timeout", type=float, help="request timeout in seconds for the workers (MV_TIMEOUT)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the worker command")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            from multiverso_py.launcher import launch
+
+            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            if not cmd:
+                parser.error("run needs a command after --, e.g. multiverso-py run --workers 2 -- python train.py")
+            return launch(cmd, args.workers, args.servers, consistency=args.consistency,
+                          staleness=args.staleness, timeout=args.timeout, log_level=args.log_level)
+        return _run_async(_scheduler(args) if args.command == "scheduler" else _server(args))
+    except MultiversoError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def _run_async(coro) -> int:
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def _write_ready(path: Optional[str], address: str) -> None:
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(address + "\n")
+        os.replace(tmp, path)
+
+
+def _on_signals(stop) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+def _warn_if_public(host: str) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s: this process is reachable from other machines and has no authentication", host)
+
+
+async def _scheduler(args: argparse.Namespace) -> int:
+    _warn_if_public(args.host)
+    scheduler = Scheduler(SchedulerConfig(workers=args.workers, servers=args.servers, host=args.host, port=args.port))
+    _write_ready(args.ready_file, await scheduler.start())
+    _on_signals(scheduler.finish)
+    await scheduler.wait_done()
+    await asyncio.sleep(0.1)  # let the SHUTDOWN frames reach the servers
+    scheduler.close()
+    return 0
+
+
+async def _server(args: argparse.Namespace) -> int:
+    _warn_if_public(args.host)
+    server = Server(ServerConfig(host=args.host, port=args.port, threads=args.threads))
+    await server.start()
+    await server.register(parse_address(args.scheduler))
+    _write_ready(args.ready_file, server.address)
+    _on_signals(server.close)
+    await server.wait_closed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""The worker side: a session with the scheduler, a connection to every server, and the
+routing of table requests.
+
+Training code calls in from its own thread; all I/O runs on a LoopThread. A table call
+arrives as Parts (one per partition); the client groups them by owning server, sends
+every server its messages at once, and merges the replies, receiving large arrays
+straight into the result. Each message carries (client id, sequence number) so that a
+resent add is applied once. Every request has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from multiverso_py.errors import ConnectionLost, MultiversoError, RequestTimeout, exception_for
+from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
+from multiverso_py.tables.base import OnReply, Part, TableInfo, TableSpec
+from multiverso_py.transport import Connection, LoopThread, open_connection
+
+log = logging.getLogger(__name__)
+
+MESSAGE_TARGET_BYTES = 8 << 20  # parts are grouped into messages of about this size
+MAX_MOVED_RETRIES = 5
+_OPS = {"get": MsgType.GET, "add": MsgType.ADD, "set": MsgType.SET}
+
+
+@dataclass
+class _Op:
+    """One table call; done when every message it was split into has its reply."""
+
+    name: str
+    info: TableInfo
+    future: Future
+    on_reply: Optional[OnReply]
+    result: Any
+    left: int = 0
+    moved_retries: int = 0
+
+
+@dataclass
+class _Pending:
+    op: _Op
+    server: int
+    parts: list[Part]
+    deadline: float
+    dest: Optional[list[memoryview]] = None
+
+
+@dataclass
+class _Control:
+    """A request to the scheduler, awaited on the loop."""
+
+    future: asyncio.Future
+    what: str
+
+
+@dataclass
+class ClientConfig:
+    timeout: float = 60.0
+    limits: Limits = DEFAULT_LIMITS
+
+
+class Client:
+    """Implements the Runtime interface that table handles use."""
+
+    def __init__(self, io: LoopThread, config: ClientConfig = ClientConfig()):
+        self.io = io
+        self.config = config
+        self.timeout = config.timeout
+        self.worker_id = -1
+        self.workers_num = 0
+        self.servers: dict[int, str] = {}
+        self._scheduler: Optional[Connection] = None
+        self._conns: dict[int, Connection] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._control: dict[int, _Control] = {}
+        self._req_ids = itertools.count(1)
+        self._seq = itertools.count(1)
+        self._unnamed_tables = itertools.count()
+        self._adds: set[Future] = set()
+        self._failed_adds: list[BaseException] = []
+        self._sweeper: Optional[asyncio.Task] = None
+        self._leaving = False
+
+    # ------------------------------------------------------------ life cycle (any thread)
+    def start(self, scheduler: tuple[str, int], rank: Optional[int] = None) -> None:
+        self.io.run(self._start(scheduler, rank), self.timeout + 5)
+
+    def leave(self) -> None:
+        """Flush adds, leave the job, close every connection."""
+        try:
+            self.flush()
+        finally:
+            self.io.run(self._leave(), self.timeout + 5)
+
+    def flush(self) -> None:
+        """Wait until every add issued so far is acknowledged; raise the first failure
+        of an add nobody waited on, so that no failed add goes unnoticed."""
+        pending = list(self._adds)
+        if pending:
+            _, not_done = wait_futures(pending, self.timeout)
+            if not_done:
+                raise RequestTimeout(f"{len(not_done)} add(s) not acknowledged within {self.timeout}s")
+        if self._failed_adds:
+            exc, self._failed_adds = self._failed_adds[0], []
+            raise exc
+
+    def barrier(self) -> None:
+        self.flush()
+        self.control(MsgType.BARRIER, {}, "barrier")
+
+    def control(self, msg_type: MsgType, body: dict, what: str) -> Any:
+        """A request to the scheduler from the calling thread; returns the reply's data."""
+        return self.io.run(self._ask_scheduler(msg_type, body, what))
+
+    # ------------------------------------------------------------ Runtime interface
+    def create_table(self, name: Optional[str], spec: TableSpec) -> tuple[TableInfo, bool]:
+        if name is None:
+            name = f"table{next(self._unnamed_tables)}"
+        data = self.control(MsgType.CREATE_TABLE, {"name": name, "spec": spec.to_wire()}, f"creating table {name!r}")
+        info = TableInfo(data["table"], data["name"], spec, data["layout"], data["owners"], data["map"])
+        return info, data["init"]
+
+    def table_ready(self, info: TableInfo) -> None:
+        self.control(MsgType.TABLE_READY, {"table": info.table_id}, f"table {info.name!r} ready")
+
+    def submit(self, op: str, info: TableInfo, parts: list[Part], on_reply: Optional[OnReply], result: Any) -> Future:
+        future: Future = Future()
+        call = _Op(op, info, future, on_reply, result)
+        if op != "get":
+            self._adds.add(future)
+            future.add_done_callback(self._add_done)
+        self.io.call_soon(self._send_op, call, parts)
+        return future
+
+    def _add_done(self, future: Future) -> None:
+        self._adds.discard(future)
+        exc = future.exception()
+        if exc is not None and not getattr(future, "_mv_observed", False):
+            self._failed_adds.append(exc)
+
+    # ------------------------------------------------------------ on the loop
+    async def _start(self, scheduler: tuple[str, int], rank: Optional[int]) -> None:
+        self._scheduler = await open_connection(*scheduler, self._connection, self.timeout)
+        body = {"role": "worker"} if rank is None else {"role": "worker", "rank": rank}
+        data = await self._ask_scheduler(MsgType.REGISTER, body, "registering with the scheduler")
+        self.worker_id, self.workers_num = data["id"], data["workers"]
+        self.servers = {sid: f"{host}:{port}" for sid, host, port in data["servers"]}
+        for sid, host, port in data["servers"]:
+            self._conns[sid] = await open_connection(host, port, self._connection, self.timeout)
+            self._conns[sid].context = sid
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        log.info("worker %d of %d joined; %d server(s)", self.worker_id, self.workers_num, len(self.servers))
+
+    async def _leave(self) -> None:
+        self._leaving = True
+        try:
+            if self._scheduler is not None and not self._scheduler.closed:
+                await self._ask_scheduler(MsgType.LEAVE, {}, "leaving the job")
+        finally:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            for conn in [*self._conns.values(), self._scheduler]:
+                if conn is not None:
+                    conn.close()
+
+    def _connection(self) -> Connection:
+        return Connection(self._on_frame, self._on_close, self.config.limits, self._allocate)
+
+    async def _ask_scheduler(self, msg_type: MsgType, body: dict, what: str) -> Any:
+        if self._scheduler is None or self._scheduler.closed:
+            raise ConnectionLost(f"{what}: the connection to the scheduler is closed")
+        req_id = next(self._req_ids)
+        control = self._control[req_id] = _Control(asyncio.get_running_loop().create_future(), what)
+        self._scheduler.send(msg_type, req_id, body)
+        try:
+            reply = await asyncio.wait_for(control.future, self.timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"{what}: no answer from the scheduler within {self.timeout}s") from None
+        finally:
+            self._control.pop(req_id, None)
+        return reply.get("data") if reply else None
+
+    def _send_op(self, call: _Op, parts: list[Part]) -> None:
+        if call.future.done():
+            return
+        by_server: dict[int, list[Part]] = {}
+        for part in parts:
+            by_server.setdefault(call.info.owners[part.pid], []).append(part)
+        messages = [(sid, group) for sid, server_parts in by_server.items() for group in _chunks(server_parts)]
+        call.left += len(messages)
+        if not messages:
+            call.future.set_result(call.result)
+        for sid, group in messages:
+            self._send_message(call, sid, group)
+
+    def _send_message(self, call: _Op, sid: int, parts: list[Part]) -> None:
+        conn = self._conns.get(sid)
+        if conn is None or conn.closed:
+            self._fail(call, ConnectionLost(f"{call.name} on table {call.info.name!r}: server {sid} "
+                                            f"({self.servers.get(sid, '?')}) is not connected"))
+            return
+        req_id = next(self._req_ids)
+        dest = None
+        if all(p.dest is not None for p in parts):
+            dest = [d for p in parts for d in p.dest]
+        self._pending[req_id] = _Pending(call, sid, parts, time.monotonic() + self.timeout, dest)
+        body_parts, buffers = pack_parts([(p.pid, p.args, p.arrays) for p in parts])
+        body = {"table": call.info.table_id, "client": self.worker_id, "seq": next(self._seq),
+                "map": call.info.map_version, "parts": body_parts}
+        conn.send(_OPS[call.name], req_id, body, buffers)
+
+    def _allocate(self, msg_type: MsgType, req_id: int, body: dict, lengths: list[int]) -> Optional[list[memoryview]]:
+        """Receive a get's reply straight into its result array."""
+        pending = self._pending.get(req_id)
+        return pending.dest if pending is not None and msg_type is MsgType.REPLY else None
+
+    def _on_frame(self, conn: Connection, frame: Frame) -> None:
+        control = self._control.get(frame.req_id)
+        if control is not None:
+            if frame.type is MsgType.ERROR:
+                control.future.set_exception(exception_for(frame.body["code"], f"{control.what}: {frame.body['message']}"))
+            elif not control.future.done():
+                control.future.set_result(frame.body)
+            return
+        pending = self._pending.pop(frame.req_id, None)
+        if pending is None:
+            if frame.type is MsgType.ERROR:
+                log.warning("error from %s: %s", conn.peer, frame.body["message"])
+            return  # a reply that arrived after its request timed out
+        call = pending.op
+        where = f"{call.name} on table {call.info.name!r} at server {pending.server} ({self.servers[pending.server]})"
+        if frame.type is MsgType.ERROR:
+            self._fail(call, exception_for(frame.body["code"], f"{where}: {frame.body['message']}"))
+        elif frame.type is MsgType.MOVED:
+            asyncio.get_running_loop().create_task(self._resend_moved(pending, frame.body["map"]))
+        else:
+            try:
+                self._merge(pending, frame)
+            except Exception as exc:
+                self._fail(call, MultiversoError(f"{where}: bad reply: {exc}"))
+                return
+            call.left -= 1
+            if call.left == 0 and not call.future.done():
+                call.future.set_result(call.result)
+
+    def _merge(self, pending: _Pending, frame: Frame) -> None:
+        replies = unpack_parts(frame.body, frame.buffers, self.config.limits)
+        if len(replies) != len(pending.parts):
+            raise MultiversoError(f"{len(replies)} parts in the reply, {len(pending.parts)} requested")
+        call = pending.op
+        for part, (pid, args, arrays) in zip(pending.parts, replies):
+            if part.dest is not None:
+                for dest, array in zip(part.dest, arrays):
+                    if not np.shares_memory(np.frombuffer(dest, np.uint8), array):
+                        np.frombuffer(dest, np.uint8)[:] = array.reshape(-1).view(np.uint8)
+            elif call.on_reply is not None:
+                call.on_reply(part, arrays, args, call.result)
+
+    async def _resend_moved(self, pending: _Pending, version: int) -> None:
+        """A server no longer holds a partition: refresh the map and resend the parts."""
+        call = pending.op
+        call.moved_retries += 1
+        if call.moved_retries > MAX_MOVED_RETRIES:
+            self._fail(call, MultiversoError(f"{call.name} on table {call.info.name!r}: partitions keep moving"))
+            return
+        try:
+            data = await self._ask_scheduler(MsgType.SHARD_MAP, {"table": call.info.table_id},
+                                             f"refreshing the map of table {call.info.name!r}")
+        except MultiversoError as exc:
+            self._fail(call, exc)
+            return
+        call.info.owners, call.info.map_version = data["owners"], data["map"]
+        call.left -= 1
+        self._send_op(call, pending.parts)
+
+    def _fail(self, call: _Op, exc: BaseException) -> None:
+        for req_id in [r for r, p in self._pending.items() if p.op is call]:
+            del self._pending[req_id]
+        if not call.future.done():
+            call.future.set_exception(exc)
+
+    def _on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        if conn is self._scheduler:
+            for control in self._control.values():
+                if not control.future.done():
+                    control.future.set_exception(ConnectionLost(f"{control.what}: the scheduler closed the connection"))
+            if not self._leaving:
+                log.error("lost the connection to the scheduler")
+            return
+        sid = conn.context
+        for req_id, pending in list(self._pending.items()):
+            if pending.server == sid:
+                self._fail(pending.op, ConnectionLost(
+                    f"{pending.op.name} on table {pending.op.info.name!r}: connection to server {sid} "
+                    f"({self.servers.get(sid, '?')}) lost"))
+        if not self._leaving:
+            log.error("lost the connection to server %s", sid)
+
+    async def _sweep(self) -> None:
+        """Fail requests past their deadline (pending is in deadline order)."""
+        interval = min(0.1, self.timeout / 10)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for req_id, pending in list(self._pending.items()):
+                if pending.deadline > now:
+                    break
+                call = pending.op
+                self._fail(call, RequestTimeout(
+                    f"{call.name} on table {call.info.name!r}: no reply from server {pending.server} "
+                    f"({self.servers[pending.server]}) within {self.timeout}s"))
+
+
+def _chunks(parts: list[Part]) -> list[list[Part]]:
+    """Group one server's parts into messages of about MESSAGE_TARGET_BYTES."""
+    groups: list[list[Part]] = [[]]
+    size = 0
+    for part in parts:
+        nbytes = sum(a.nbytes for a in part.arrays) + sum(d.nbytes for d in part.dest or ())
+        if groups[-1] and size + nbytes > MESSAGE_TARGET_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(part)
+        size += nbytes
+    return groups if groups[0] else []

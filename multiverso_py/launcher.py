@@ -1,0 +1,166 @@
+"""`multiverso-py run`: a local job launcher, like mpirun or torchrun.
+
+Starts a scheduler and M servers as child processes, runs N copies of the command with
+MV_SCHEDULER set, prefixes every line they print, and stops everything it started when
+the command ends or fails (each child runs in its own process group, so whatever the
+command spawns goes too). Exits with the first non-zero worker status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, Optional, Sequence
+
+from multiverso_py.errors import MultiversoError
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+JOB_END_GRACE = 10.0  # seconds the scheduler and servers get to exit after the last worker
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen
+    pump: threading.Thread
+
+
+class _Children:
+    """The processes this launcher started; closing stops every one still running."""
+
+    def __init__(self, out: IO[str]):
+        self.out = out
+        self.children: list[_Child] = []
+        self._print_lock = threading.Lock()
+
+    def start(self, name: str, argv: Sequence[str], env: Optional[dict] = None) -> _Child:
+        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True, text=True, errors="replace", bufsize=1)
+        pump = threading.Thread(target=self._pump, args=(name, proc.stdout), daemon=True)
+        pump.start()
+        child = _Child(name, proc, pump)
+        self.children.append(child)
+        return child
+
+    def _pump(self, name: str, stream: IO[str]) -> None:
+        for line in stream:
+            with self._print_lock:
+                self.out.write(f"[{name}] {line if line.endswith(chr(10)) else line + chr(10)}")
+                self.out.flush()
+
+    def stop(self, children: Sequence[_Child]) -> None:
+        """SIGTERM each child's process group, then SIGKILL what outlives the grace period."""
+        live = [c for c in children if c.proc.poll() is None]
+        for child in live:
+            _signal_group(child.proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for child in live:
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop on SIGTERM; killing it", child.name)
+        for child in children:
+            _signal_group(child.proc, signal.SIGKILL)  # also whatever a child left in its group
+            child.proc.wait()
+            child.pump.join(1.0)
+
+    def __enter__(self) -> "_Children":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop(self.children)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the child leads its own group (start_new_session)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _wait_ready(path: str, child: _Child, timeout: float) -> str:
+    """The address a scheduler or server wrote once it was up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                return f.read().strip()
+        if child.proc.poll() is not None:
+            raise MultiversoError(f"{child.name} exited with status {child.proc.returncode} before it was ready")
+        time.sleep(0.02)
+    raise MultiversoError(f"{child.name} was not ready within {timeout}s")
+
+
+def launch(cmd: Sequence[str], workers: int, servers: int, *, consistency: Optional[str] = None,
+           staleness: Optional[int] = None, timeout: Optional[float] = None, startup_timeout: float = 30.0,
+           log_level: str = "info", out: IO[str] = sys.stdout) -> int:
+    """Run a whole local job; return the first non-zero worker status, else 0."""
+    mv = [sys.executable, "-m", "multiverso_py", "--log-level", log_level]
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mv-run-") as tmp, _Children(out) as children:
+            ready = os.path.join(tmp, "scheduler")
+            scheduler = children.start("scheduler", [*mv, "scheduler", "--port", "0", "--workers", str(workers),
+                                                     "--servers", str(servers), "--ready-file", ready])
+            address = _wait_ready(ready, scheduler, startup_timeout)
+            nodes = [scheduler]
+            for j in range(servers):
+                ready_j = os.path.join(tmp, f"server{j}")
+                nodes.append(children.start(f"server {j}", [*mv, "server", "--scheduler", address,
+                                                             "--ready-file", ready_j]))
+                _wait_ready(ready_j, nodes[-1], startup_timeout)
+            env = {**os.environ, "MV_SCHEDULER": address, "PYTHONUNBUFFERED": "1"}
+            for key, value in (("MV_CONSISTENCY", consistency), ("MV_STALENESS", staleness), ("MV_TIMEOUT", timeout)):
+                if value is not None:
+                    env[key] = str(value)
+            procs = [children.start(f"worker {i}", cmd, {**env, "MV_RANK": str(i)}) for i in range(workers)]
+            status = _wait_workers(procs)
+            if status != 0:
+                return status
+            _wait_job_end(nodes)
+            return 0
+    except FileNotFoundError as exc:
+        raise MultiversoError(f"cannot run {cmd[0]!r}: {exc.strerror}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _wait_workers(procs: list[_Child]) -> int:
+    """Wait for every worker; at the first failure, return its status (the caller stops the rest)."""
+    done: queue.Queue[_Child] = queue.Queue()
+    for child in procs:
+        threading.Thread(target=lambda c=child: (c.proc.wait(), done.put(c)), daemon=True).start()
+    for _ in procs:
+        child = done.get()
+        if child.proc.returncode != 0:
+            log.error("%s exited with status %d; stopping the job", child.name, _exit_status(child.proc.returncode))
+            return _exit_status(child.proc.returncode)
+    return 0
+
+
+def _wait_job_end(nodes: list[_Child]) -> None:
+    """The scheduler ends the job once all workers left; give it and the servers time to exit."""
+    deadline = time.monotonic() + JOB_END_GRACE
+    for child in nodes:
+        try:
+            child.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s still running after the job ended; stopping it", child.name)
+
+
+def _raise_exit(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)

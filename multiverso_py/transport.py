@@ -1,0 +1,163 @@
+"""Frames over asyncio streams: one BufferedProtocol per connection, uvloop when present.
+
+Sending hands the header and the arrays' memoryviews to transport.writelines, so arrays
+are never joined into one bytes object; receiving goes through a FrameReader, which reads
+large buffers straight into their destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from concurrent.futures import Future
+from typing import Any, Awaitable, Callable, Optional
+
+from multiverso_py.errors import ConnectFailed, ErrorCode, ProtocolError
+from multiverso_py.protocol import DEFAULT_LIMITS, Allocator, Frame, FrameReader, Limits, MsgType, encode
+
+log = logging.getLogger(__name__)
+
+FrameHandler = Callable[["Connection", Frame], None]
+CloseHandler = Callable[["Connection", Optional[BaseException]], None]
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop where uvloop is installed, else asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a core dependency off Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One peer connection. Frames go to on_frame on the loop; a malformed stream gets an
+    ERROR frame (when it can still be sent) and is closed, since its framing is lost."""
+
+    def __init__(
+        self,
+        on_frame: FrameHandler,
+        on_close: Optional[CloseHandler] = None,
+        limits: Limits = DEFAULT_LIMITS,
+        allocator: Optional[Allocator] = None,
+    ):
+        self.on_frame = on_frame
+        self.on_close = on_close
+        self.limits = limits
+        self.reader = FrameReader(limits, allocator)
+        self.transport: Optional[asyncio.Transport] = None
+        self.peer = "?"
+        self.closed = False
+        self._write_ready = asyncio.Event()
+        self._write_ready.set()
+        self.context: Any = None  # what the owner knows of this peer (node id, role)
+
+    # -- asyncio.BufferedProtocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            frames = self.reader.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            log.warning("closing connection from %s: %s", self.peer, exc)
+            self.send_error(0, ErrorCode.BAD_REQUEST, f"malformed frame: {exc}")
+            self.close()
+            return
+        for frame in frames:
+            self.on_frame(self, frame)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        self._write_ready.set()
+        if self.on_close is not None:
+            self.on_close(self, exc)
+
+    def pause_writing(self) -> None:
+        self._write_ready.clear()
+
+    def resume_writing(self) -> None:
+        self._write_ready.set()
+
+    # -- sending
+    def send(self, msg_type: MsgType, req_id: int, body: Optional[dict] = None, buffers=()) -> None:
+        """Queue one frame; a closed connection drops it (its requests fail by on_close)."""
+        if self.closed or self.transport is None:
+            return
+        self.transport.writelines(encode(msg_type, req_id, body, buffers, self.limits))
+
+    def send_error(self, req_id: int, code: ErrorCode, message: str) -> None:
+        self.send(MsgType.ERROR, req_id, {"code": int(code), "message": message})
+
+    async def drain(self) -> None:
+        """Wait until the peer has taken what was queued (back-pressure on big replies)."""
+        await self._write_ready.wait()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+
+async def open_connection(host: str, port: int, factory: Callable[[], Connection], timeout: float) -> Connection:
+    loop = asyncio.get_running_loop()
+    try:
+        _, conn = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise ConnectFailed(
+            f"cannot connect to {host}:{port} ({exc or 'timed out'}); check the address and that the process is running"
+        ) from None
+    return conn
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """'host:port' -> (host, port), with a clear error for anything else."""
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConnectFailed(f"address {address!r} is not HOST:PORT (for example 127.0.0.1:9000)")
+    return host, int(port)
+
+
+class LoopThread:
+    """An event loop running in a daemon thread, for synchronous callers (the worker API
+    and the embedded job). Coroutines are submitted from any thread."""
+
+    def __init__(self, name: str = "multiverso-io"):
+        self.loop = new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        self.loop.close()
+
+    def submit(self, coro: Awaitable) -> Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    def run(self, coro: Awaitable, timeout: Optional[float] = None) -> Any:
+        return self.submit(coro).result(timeout)
+
+    def call_soon(self, fn: Callable, *args: Any) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def in_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)

@@ -1,0 +1,64 @@
+"""Server-side updaters: how a pushed delta changes the stored values of a shard.
+
+An updater owns the optimizer state of one shard, sized to it, and applies a delta to the
+whole shard or to some of its rows. Rows repeated in one add are summed first.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from multiverso_py.errors import InvalidArgument
+
+
+class Updater:
+    """Base: `apply(delta, rows, args)` updates `self.data` in place."""
+
+    name = ""
+    option_names: frozenset[str] = frozenset()
+
+    def __init__(self, data: np.ndarray, options: dict):
+        unknown = set(options) - self.option_names
+        if unknown:
+            raise InvalidArgument(
+                f"updater {self.name!r} takes no option {', '.join(sorted(unknown))}; "
+                f"it accepts: {', '.join(sorted(self.option_names)) or 'none'}"
+            )
+        self.data = data
+
+    def apply(self, delta: np.ndarray, rows: Optional[np.ndarray], args: dict) -> None:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays of optimizer state, for checkpoints."""
+        return {}
+
+
+class AddUpdater(Updater):
+    """w += d"""
+
+    name = "add"
+
+    def apply(self, delta: np.ndarray, rows: Optional[np.ndarray], args: dict) -> None:
+        if rows is None:
+            np.add(self.data, delta, out=self.data)
+        else:
+            np.add.at(self.data, rows, delta)
+
+
+UPDATERS: dict[str, type[Updater]] = {cls.name: cls for cls in (AddUpdater,)}
+
+
+def make_updater(name: str, options: dict, data: np.ndarray) -> Updater:
+    try:
+        cls = UPDATERS[name]
+    except KeyError:
+        raise InvalidArgument(f"unknown updater {name!r}; choose one of {', '.join(UPDATERS)}") from None
+    return cls(data, options)
+
+
+def check_updater(name: str, options: dict) -> None:
+    """Raise at table creation, on the worker, for an unknown updater or option."""
+    make_updater(name, options, np.zeros(1))

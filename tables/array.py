@@ -1,0 +1,63 @@
+"""ArrayTable: a dense tensor of any shape, stored flat and range-partitioned over servers."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from typing import Any, Optional
+
+import numpy as np
+
+from multiverso_py.tables.base import (
+    DenseRowShard, RangeTableHandle, TableSpec, as_array, as_index, check_shape, range_layout,
+)
+from multiverso_py.updaters import check_updater
+from multiverso_py import context
+
+
+def layout(spec: TableSpec, num_servers: int) -> dict:
+    return range_layout(math.prod(spec.shape), np.dtype(spec.dtype).itemsize, num_servers)
+
+
+def make_shard(spec: TableSpec, layout: dict, pid: int) -> DenseRowShard:
+    lo, hi = layout["bounds"][pid], layout["bounds"][pid + 1]
+    return DenseRowShard(spec, (), lo, hi)
+
+
+class ArrayTable(RangeTableHandle):
+    """A dense tensor shared by all workers. `get()` returns the whole tensor, `get(indices)`
+    the values at flat indices; `add(delta)` adds a tensor of the same shape, `add(delta,
+    indices)` adds at flat indices (repeated indices sum)."""
+
+    kind = "array"
+
+    def __init__(self, shape: int | tuple[int, ...], dtype: str = "float32", *, name: Optional[str] = None,
+                 init_value: Any = None, init: Any = None, updater: str = "add", consistency: Optional[str] = None,
+                 staleness: Optional[int] = None, seed: Optional[int] = None, **updater_options: Any):
+        runtime = context.current()
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        spec = context.table_spec(self.kind, shape, dtype, updater, updater_options, consistency, staleness)
+        check_updater(spec.updater, spec.options)
+        self.shape = spec.shape
+        self.size = math.prod(self.shape)
+        super().__init__(runtime, name, spec, (), init, init_value, seed)
+
+    def get_async(self, indices: Any = None) -> Future:
+        if indices is None:
+            return self._read_rows(None, self.shape)
+        return self._read_rows(as_index(indices, self.size, "indices"))
+
+    def get(self, indices: Any = None) -> np.ndarray:
+        return self._wait(self.get_async(indices))
+
+    def add_async(self, delta: Any, indices: Any = None) -> Future:
+        if indices is None:
+            values = check_shape(as_array(delta, self.dtype, "delta"), self.shape, "delta")
+            return self._write_rows("add", values.reshape(-1), None)
+        index = as_index(indices, self.size, "indices")
+        values = check_shape(as_array(delta, self.dtype, "delta"), (len(index),), "delta")
+        return self._write_rows("add", values, index)
+
+    def add(self, delta: Any, indices: Any = None) -> None:
+        self._wait(self.add_async(delta, indices))
+

@@ -1,0 +1,341 @@
+"""What every table type builds on: its spec, the unit of a request (a Part), the runtime
+interface a worker-side handle talks to, input validation, and range partitioning with
+a dense row shard (shared by ArrayTable and MatrixTable).
+
+Table types never touch sockets or the event loop: a handle turns a call into Parts,
+one per partition, and the runtime routes them; a shard applies one Part on numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence
+
+import numpy as np
+
+from multiverso_py.errors import IndexOutOfRange, InvalidArgument
+from multiverso_py.updaters import Updater, make_updater
+
+TABLE_DTYPES = ("float32", "float64", "int32", "int64")
+PARTITION_TARGET_BYTES = 8 << 20  # big tables split into ~8 MiB partitions: pipelined transfers
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What every worker must agree on for a table of a given name."""
+
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    updater: str = "add"
+    options: dict = field(default_factory=dict)  # updater options
+    consistency: str = "async"
+    staleness: int = 0
+
+    def to_wire(self) -> dict:
+        return {"kind": self.kind, "shape": list(self.shape), "dtype": self.dtype, "updater": self.updater,
+                "options": dict(self.options), "consistency": self.consistency, "staleness": self.staleness}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "TableSpec":
+        try:
+            spec = cls(str(d["kind"]), tuple(int(n) for n in d["shape"]), str(d["dtype"]),
+                       str(d["updater"]), dict(d["options"]),
+                       str(d["consistency"]), int(d["staleness"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgument(f"malformed table spec: {exc}") from None
+        if spec.dtype not in TABLE_DTYPES:
+            raise InvalidArgument(f"dtype {spec.dtype!r} is not one of {', '.join(TABLE_DTYPES)}")
+        if not spec.shape or any(n <= 0 for n in spec.shape):
+            raise InvalidArgument(f"table shape {spec.shape} must have positive sizes")
+        return spec
+
+    def mismatch(self, other: "TableSpec") -> Optional[str]:
+        """What differs from another spec for the same name, or None."""
+        for attr in ("kind", "shape", "dtype", "updater", "options", "consistency", "staleness"):
+            mine, theirs = getattr(self, attr), getattr(other, attr)
+            if mine != theirs:
+                return f"{attr} {theirs!r} differs from the existing {mine!r}"
+        return None
+
+
+@dataclass
+class Part:
+    """One partition's slice of a request, and where its reply goes."""
+
+    pid: int
+    args: dict = field(default_factory=dict)
+    arrays: list = field(default_factory=list)
+    dest: Optional[list] = None  # memoryviews the reply's arrays are received into
+    positions: Any = None  # worker-side bookkeeping: where this part's rows belong
+
+
+# Merges one part's reply arrays into the request's result (not needed for parts with dest).
+OnReply = Callable[[Part, list[np.ndarray], dict, Any], None]
+
+
+@dataclass
+class TableInfo:
+    """A created table as the worker sees it: id, spec, layout and shard map."""
+
+    table_id: int
+    name: str
+    spec: TableSpec
+    layout: dict  # table-type specific, e.g. {"bounds": [...]} for range partitions
+    owners: list[int]  # partition id -> server id
+    map_version: int
+
+
+class Runtime(Protocol):
+    """The worker runtime, as a table handle sees it (implemented by the client)."""
+
+    worker_id: int
+    timeout: float
+
+    def create_table(self, name: Optional[str], spec: TableSpec) -> tuple[TableInfo, bool]: ...
+
+    def table_ready(self, info: TableInfo) -> None: ...
+
+    def submit(self, op: str, info: TableInfo, parts: list[Part], on_reply: Optional[OnReply], result: Any) -> Future: ...
+
+
+# ---------------------------------------------------------------- input validation
+
+
+def as_array(value: Any, dtype: np.dtype, what: str) -> np.ndarray:
+    """A numpy view of a list, array or (CPU or CUDA) tensor, cast to the table's dtype
+    only where that loses no kind of information (float64 -> float32 is fine, float ->
+    int is not)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{what} is not array-like: {exc}") from None
+    if array.dtype != dtype:
+        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+            raise InvalidArgument(f"{what} has dtype {array.dtype}, which cannot be cast safely to the table's {dtype}")
+        array = array.astype(dtype)
+    return array
+
+
+def as_index(value: Any, size: int, what: str) -> np.ndarray:
+    """Validated int64 indices in [0, size)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    index = np.asarray(value)
+    if index.ndim == 0:
+        index = index.reshape(1)
+    if index.ndim != 1:
+        raise InvalidArgument(f"{what} must be one-dimensional, got shape {index.shape}")
+    if index.size and not np.issubdtype(index.dtype, np.integer):
+        raise InvalidArgument(f"{what} must be integers, got dtype {index.dtype}")
+    index = index.astype(np.int64, copy=False)
+    if index.size and (index.min() < 0 or index.max() >= size):
+        bad = index[(index < 0) | (index >= size)][0]
+        raise IndexOutOfRange(f"{what} contains {bad}, outside [0, {size})")
+    return index
+
+
+def check_shape(array: np.ndarray, shape: tuple, what: str) -> np.ndarray:
+    if array.shape != tuple(shape):
+        if array.size == math.prod(shape) and array.ndim <= 1:
+            return array.reshape(shape)
+        raise InvalidArgument(f"{what} has shape {array.shape}, expected {tuple(shape)}")
+    return array
+
+
+# ---------------------------------------------------------------- range partitioning
+
+
+def range_layout(num_rows: int, row_bytes: int, num_servers: int) -> dict:
+    """Split rows into contiguous partitions: at least one per server, ~8 MiB each."""
+    by_size = math.ceil(num_rows * row_bytes / PARTITION_TARGET_BYTES)
+    count = max(1, min(num_rows, max(num_servers, by_size)))
+    bounds = [num_rows * p // count for p in range(count + 1)]
+    return {"bounds": bounds}
+
+
+class RangeRows:
+    """Worker-side splitting of row requests over range partitions."""
+
+    def __init__(self, bounds: Sequence[int]):
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+
+    @property
+    def count(self) -> int:
+        return len(self.bounds) - 1
+
+    def whole(self) -> list[tuple[int, int, int]]:
+        """(partition, lo, hi) of every non-empty partition."""
+        b = self.bounds
+        return [(p, int(b[p]), int(b[p + 1])) for p in range(self.count) if b[p + 1] > b[p]]
+
+    def split(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(partition, positions into rows) for each partition that some row falls in."""
+        pid = np.searchsorted(self.bounds, rows, side="right") - 1
+        if self.count == 1:
+            return [(0, np.arange(len(rows)))] if len(rows) else []
+        order = np.argsort(pid, kind="stable")
+        sorted_pid = pid[order]
+        cuts = np.flatnonzero(np.diff(sorted_pid)) + 1
+        return [(int(sorted_pid[g[0]]), g) for g in np.split(order, cuts) if len(g)] if len(rows) else []
+
+
+class DenseRowShard:
+    """Server-side storage of rows [lo, hi) of a range-partitioned table, each row of
+    shape row_shape. Requests carry row ids local to the table (global)."""
+
+    def __init__(self, spec: TableSpec, row_shape: tuple[int, ...], lo: int, hi: int):
+        self.lo, self.hi = lo, hi
+        self.data = np.zeros((hi - lo, *row_shape), dtype=spec.dtype)
+        self.updater: Updater = make_updater(spec.updater, spec.options, self.data)
+
+    def _local_rows(self, rows: np.ndarray) -> np.ndarray:
+        if rows.dtype != np.int64 or rows.ndim != 1:
+            raise InvalidArgument("row ids must be a 1-D int64 array")
+        if rows.size and (rows.min() < self.lo or rows.max() >= self.hi):
+            raise IndexOutOfRange(f"row ids outside this partition's rows [{self.lo}, {self.hi})")
+        return rows - self.lo
+
+    def get(self, args: dict, arrays: list) -> tuple[dict, list]:
+        """Whole partition (no arrays) or the rows named by arrays[0]; always a snapshot,
+        since adds may change the shard while the reply is on the wire."""
+        if not arrays:
+            return {}, [self.data.copy()]
+        if len(arrays) != 1:
+            raise InvalidArgument(f"a get carries at most row ids, got {len(arrays)} arrays")
+        return {}, [self.data[self._local_rows(arrays[0])]]
+
+    def _delta(self, arrays: list) -> tuple[Optional[np.ndarray], np.ndarray]:
+        """(local rows or None for the whole partition, delta) of an add or set."""
+        if len(arrays) not in (1, 2):
+            raise InvalidArgument(f"an add carries a delta and optional row ids, got {len(arrays)} arrays")
+        rows = self._local_rows(arrays[0]) if len(arrays) == 2 else None
+        delta = arrays[-1]
+        expected = (self.data.shape[0] if rows is None else len(rows), *self.data.shape[1:])
+        if delta.shape != expected or delta.dtype != self.data.dtype:
+            raise InvalidArgument(f"delta {delta.dtype}{list(delta.shape)} does not match {self.data.dtype}{list(expected)}")
+        return rows, delta
+
+    def add(self, args: dict, arrays: list) -> tuple[dict, list]:
+        rows, delta = self._delta(arrays)
+        self.updater.apply(delta, rows, args)
+        return {}, []
+
+    def set(self, args: dict, arrays: list) -> tuple[dict, list]:
+        rows, values = self._delta(arrays)
+        if rows is None:
+            np.copyto(self.data, values)
+        else:
+            self.data[rows] = values
+        return {}, []
+
+
+class TableHandle:
+    """Worker-side base: creation through the runtime, sync wrappers over futures."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, runtime: Runtime, name: Optional[str], spec: TableSpec):
+        self._runtime = runtime
+        self._info, must_init = runtime.create_table(name, spec)
+        self.name = self._info.name
+        self.dtype = np.dtype(spec.dtype)
+        self._setup(self._info)
+        if must_init:
+            self._initialize()
+            runtime.table_ready(self._info)
+
+    def _setup(self, info: TableInfo) -> None:
+        """Prepare worker-side routing from the table's layout."""
+
+    def _initialize(self) -> None:
+        """Master worker only: write the initial content (zeros need nothing)."""
+
+    def _submit(self, op: str, parts: list[Part], on_reply: Optional[OnReply] = None, result: Any = None) -> Future:
+        return self._runtime.submit(op, self._info, parts, on_reply, result)
+
+    def _wait(self, future: Future) -> Any:
+        return future.result()
+
+    def __repr__(self) -> str:
+        s = self._info.spec
+        return f"{type(self).__name__}(name={self.name!r}, shape={s.shape}, dtype={s.dtype}, updater={s.updater!r})"
+
+
+def initial_content(init: Any, init_value: Any, shape: tuple, dtype: np.dtype, seed: Optional[int]) -> Optional[np.ndarray]:
+    """The master worker's initial content: init_value, or an init= description
+    ("zeros", ("uniform", low, high), ("normal", std)); None means zeros."""
+    if init_value is not None:
+        if init is not None:
+            raise InvalidArgument("give init_value= or init=, not both")
+        return check_shape(as_array(init_value, dtype, "init_value"), shape, "init_value")
+    if init is None or init == "zeros":
+        return None
+    rng = np.random.default_rng(seed)
+    kind = init[0] if isinstance(init, (tuple, list)) and init else None
+    if kind == "uniform" and len(init) == 3:
+        values = rng.uniform(float(init[1]), float(init[2]), size=shape)
+    elif kind == "normal" and len(init) == 2:
+        values = rng.normal(0.0, float(init[1]), size=shape)
+    else:
+        raise InvalidArgument(f"init={init!r} is not 'zeros', ('uniform', low, high) or ('normal', std)")
+    if not np.issubdtype(dtype, np.floating):
+        raise InvalidArgument(f"random init= needs a float table, this one is {dtype}")
+    return values.astype(dtype)
+
+
+class RangeTableHandle(TableHandle):
+    """Worker side of a table stored as rows over range partitions. A row is a scalar
+    for ArrayTable (flat elements) and a vector for MatrixTable."""
+
+    def __init__(self, runtime: Runtime, name: Optional[str], spec: TableSpec, row_shape: tuple,
+                 init: Any, init_value: Any, seed: Optional[int]):
+        self._row_shape = row_shape
+        self._num_rows = spec.shape[0] if row_shape else math.prod(spec.shape)
+        self._initial = (init, init_value, seed)
+        super().__init__(runtime, name, spec)
+        del self._initial
+
+    def _setup(self, info: TableInfo) -> None:
+        self._ranges = RangeRows(info.layout["bounds"])
+
+    def _initialize(self) -> None:
+        init, init_value, seed = self._initial
+        values = initial_content(init, init_value, self._info.spec.shape, self.dtype, seed)
+        if values is not None:
+            self._wait(self._write_rows("set", values.reshape(self._num_rows, *self._row_shape), None))
+
+    def _read_rows(self, rows: Optional[np.ndarray], shape: Optional[tuple] = None) -> Future:
+        """Start a get of all rows (the result in `shape`) or of the given rows. Replies
+        are received straight into the result wherever its layout allows."""
+        if rows is None:
+            result = np.empty(shape or (self._num_rows, *self._row_shape), self.dtype)
+            out = result.reshape(self._num_rows, *self._row_shape)
+            parts = [Part(p, dest=[_bytes_of(out[lo:hi])]) for p, lo, hi in self._ranges.whole()]
+            return self._submit("get", parts, None, result)
+        out = np.empty((len(rows), *self._row_shape), self.dtype)
+        groups = self._ranges.split(rows)
+        if len(groups) == 1:
+            return self._submit("get", [Part(groups[0][0], arrays=[rows], dest=[_bytes_of(out)])], None, out)
+        parts = [Part(p, arrays=[rows[pos]], positions=pos) for p, pos in groups]
+        return self._submit("get", parts, _scatter_rows, out)
+
+    def _write_rows(self, op: str, delta: np.ndarray, rows: Optional[np.ndarray]) -> Future:
+        """Start an add (or the master's set) of all rows or of the given rows."""
+        if rows is None:
+            parts = [Part(p, arrays=[delta[lo:hi]]) for p, lo, hi in self._ranges.whole()]
+        else:
+            parts = [Part(p, arrays=[rows[pos], delta[pos]]) for p, pos in self._ranges.split(rows)]
+        return self._submit(op, parts)
+
+
+def _scatter_rows(part: Part, arrays: list, args: dict, out: np.ndarray) -> None:
+    out[part.positions] = arrays[0]
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    return memoryview(array.reshape(-1).view(np.uint8))

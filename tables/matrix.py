@@ -1,0 +1,60 @@
+"""MatrixTable: dense rows of num_cols values, partitioned over servers by row ranges."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Optional
+
+import numpy as np
+
+from multiverso_py import context
+from multiverso_py.tables.base import (
+    DenseRowShard, RangeTableHandle, TableSpec, as_array, as_index, check_shape, range_layout,
+)
+from multiverso_py.updaters import check_updater
+
+
+def layout(spec: TableSpec, num_servers: int) -> dict:
+    num_rows, num_cols = spec.shape
+    return range_layout(num_rows, num_cols * np.dtype(spec.dtype).itemsize, num_servers)
+
+
+def make_shard(spec: TableSpec, layout: dict, pid: int) -> DenseRowShard:
+    lo, hi = layout["bounds"][pid], layout["bounds"][pid + 1]
+    return DenseRowShard(spec, (spec.shape[1],), lo, hi)
+
+
+class MatrixTable(RangeTableHandle):
+    """A dense (num_rows, num_cols) matrix shared by all workers. `get(row_ids=None)` returns
+    all rows or the given ones; `add(delta, row_ids=None)` adds to all rows or the given
+    ones (repeated row ids sum)."""
+
+    kind = "matrix"
+
+    def __init__(self, num_rows: int, num_cols: int, dtype: str = "float32", *, name: Optional[str] = None,
+                 init_value: Any = None, init: Any = None, updater: str = "add", consistency: Optional[str] = None,
+                 staleness: Optional[int] = None, seed: Optional[int] = None, **updater_options: Any):
+        runtime = context.current()
+        spec = context.table_spec(self.kind, (num_rows, num_cols), dtype, updater, updater_options, consistency, staleness)
+        check_updater(spec.updater, spec.options)
+        self.num_rows, self.num_cols = spec.shape
+        self.shape = spec.shape
+        super().__init__(runtime, name, spec, (self.num_cols,), init, init_value, seed)
+
+    def _rows(self, row_ids: Any) -> Optional[np.ndarray]:
+        return None if row_ids is None else as_index(row_ids, self.num_rows, "row_ids")
+
+    def get_async(self, row_ids: Any = None) -> Future:
+        return self._read_rows(self._rows(row_ids))
+
+    def get(self, row_ids: Any = None) -> np.ndarray:
+        return self._wait(self.get_async(row_ids))
+
+    def add_async(self, delta: Any, row_ids: Any = None) -> Future:
+        rows = self._rows(row_ids)
+        expected = self.shape if rows is None else (len(rows), self.num_cols)
+        values = check_shape(as_array(delta, self.dtype, "delta"), expected, "delta")
+        return self._write_rows("add", values, rows)
+
+    def add(self, delta: Any, row_ids: Any = None) -> None:
+        self._wait(self.add_async(delta, row_ids))
