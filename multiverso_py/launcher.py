@@ -35,7 +35,7 @@ class _Child:
     pump: threading.Thread
 
 
-class _Children:
+class Children:
     """The processes this launcher started; closing stops every one still running."""
 
     def __init__(self, out: IO[str]):
@@ -74,7 +74,7 @@ class _Children:
             child.proc.wait()
             child.pump.join(1.0)
 
-    def __enter__(self) -> "_Children":
+    def __enter__(self) -> "Children":
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -105,29 +105,48 @@ def _wait_ready(path: str, child: _Child, timeout: float) -> str:
     raise MultiversoError(f"{child.name} was not ready within {timeout}s")
 
 
+def mv_command(log_level: str = "info") -> list[str]:
+    return [sys.executable, "-m", "multiverso_py", "--log-level", log_level]
+
+
+def start_nodes(children: Children, workdir: str, workers: int, servers: int, *, log_level: str = "info",
+                startup_timeout: float = 30.0) -> tuple[str, list[_Child]]:
+    """Start a scheduler and `servers` servers; (scheduler address, [scheduler, servers...])."""
+    mv = mv_command(log_level)
+    ready = os.path.join(workdir, "scheduler")
+    scheduler = children.start("scheduler", [*mv, "scheduler", "--port", "0", "--workers", str(workers),
+                                             "--servers", str(servers), "--ready-file", ready])
+    address = _wait_ready(ready, scheduler, startup_timeout)
+    nodes = [scheduler]
+    for j in range(servers):
+        ready_j = os.path.join(workdir, f"server{j}")
+        nodes.append(children.start(f"server {j}", [*mv, "server", "--scheduler", address, "--ready-file", ready_j]))
+        _wait_ready(ready_j, nodes[-1], startup_timeout)
+    return address, nodes
+
+
+def worker_env(address: str, rank: int, *, consistency: Optional[str] = None, staleness: Optional[int] = None,
+               timeout: Optional[float] = None) -> dict[str, str]:
+    """The environment a worker process of the job runs with."""
+    env = {**os.environ, "MV_SCHEDULER": address, "MV_RANK": str(rank), "PYTHONUNBUFFERED": "1"}
+    for key, value in (("MV_CONSISTENCY", consistency), ("MV_STALENESS", staleness), ("MV_TIMEOUT", timeout)):
+        if value is not None:
+            env[key] = str(value)
+    return env
+
+
 def launch(cmd: Sequence[str], workers: int, servers: int, *, consistency: Optional[str] = None,
            staleness: Optional[int] = None, timeout: Optional[float] = None, startup_timeout: float = 30.0,
            log_level: str = "info", out: IO[str] = sys.stdout) -> int:
     """Run a whole local job; return the first non-zero worker status, else 0."""
-    mv = [sys.executable, "-m", "multiverso_py", "--log-level", log_level]
     previous = signal.signal(signal.SIGTERM, _raise_exit)
     try:
-        with tempfile.TemporaryDirectory(prefix="mv-run-") as tmp, _Children(out) as children:
-            ready = os.path.join(tmp, "scheduler")
-            scheduler = children.start("scheduler", [*mv, "scheduler", "--port", "0", "--workers", str(workers),
-                                                     "--servers", str(servers), "--ready-file", ready])
-            address = _wait_ready(ready, scheduler, startup_timeout)
-            nodes = [scheduler]
-            for j in range(servers):
-                ready_j = os.path.join(tmp, f"server{j}")
-                nodes.append(children.start(f"server {j}", [*mv, "server", "--scheduler", address,
-                                                             "--ready-file", ready_j]))
-                _wait_ready(ready_j, nodes[-1], startup_timeout)
-            env = {**os.environ, "MV_SCHEDULER": address, "PYTHONUNBUFFERED": "1"}
-            for key, value in (("MV_CONSISTENCY", consistency), ("MV_STALENESS", staleness), ("MV_TIMEOUT", timeout)):
-                if value is not None:
-                    env[key] = str(value)
-            procs = [children.start(f"worker {i}", cmd, {**env, "MV_RANK": str(i)}) for i in range(workers)]
+        with tempfile.TemporaryDirectory(prefix="mv-run-") as tmp, Children(out) as children:
+            address, nodes = start_nodes(children, tmp, workers, servers, log_level=log_level,
+                                         startup_timeout=startup_timeout)
+            procs = [children.start(f"worker {i}", cmd, worker_env(address, i, consistency=consistency,
+                                                                  staleness=staleness, timeout=timeout))
+                     for i in range(workers)]
             status = _wait_workers(procs)
             if status != 0:
                 return status

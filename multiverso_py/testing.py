@@ -1,0 +1,68 @@
+"""A local cluster of real scheduler and server processes, for tests and benchmarks.
+
+    with LocalCluster(workers=2, servers=2) as cluster:
+        env = cluster.worker_env(rank=0)        # run a worker process with this environment
+        cluster.kill_server(1)                  # kill -9, for fault tests
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import tempfile
+from typing import Optional
+
+from multiverso_py.launcher import Children, start_nodes, worker_env
+
+
+class LocalCluster:
+    """A scheduler and servers as child processes, each in its own process group; all of
+    them are stopped on exit. Their output is kept in `log` for assertions."""
+
+    def __init__(self, workers: int = 1, servers: int = 1, log_level: str = "info", startup_timeout: float = 30.0):
+        self.workers, self.servers_num = workers, servers
+        self.log = io.StringIO()
+        self._log_level, self._startup_timeout = log_level, startup_timeout
+        self._children = Children(self.log)
+        self._tmp: Optional[tempfile.TemporaryDirectory] = None
+        self.address = ""
+        self.nodes: list = []
+
+    def __enter__(self) -> "LocalCluster":
+        self._tmp = tempfile.TemporaryDirectory(prefix="mv-cluster-")
+        try:
+            self.address, self.nodes = start_nodes(self._children, self._tmp.name, self.workers, self.servers_num,
+                                                   log_level=self._log_level, startup_timeout=self._startup_timeout)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._children.stop(self._children.children)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    @property
+    def scheduler(self):
+        return self.nodes[0].proc
+
+    @property
+    def servers(self) -> list:
+        return [child.proc for child in self.nodes[1:]]
+
+    def pids(self) -> list[int]:
+        return [child.proc.pid for child in self.nodes]
+
+    def server_address(self, index: int) -> str:
+        with open(os.path.join(self._tmp.name, f"server{index}")) as f:
+            return f.read().strip()
+
+    def kill_server(self, index: int) -> None:
+        proc = self.servers[index]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def worker_env(self, rank: int, **options) -> dict[str, str]:
+        return worker_env(self.address, rank, **options)
