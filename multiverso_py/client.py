@@ -87,6 +87,7 @@ class Client:
         self._seq = itertools.count(1)
         self._unnamed_tables = itertools.count()
         self._adds: set[Future] = set()
+        self._waited: set[Future] = set()  # add futures a caller waits on: their failure is theirs
         self._failed_adds: list[BaseException] = []
         self._sweeper: Optional[asyncio.Task] = None
         self._leaving = False
@@ -142,10 +143,22 @@ class Client:
         self.io.call_soon(self._send_op, call, parts)
         return future
 
+    def wait(self, future: Future) -> Any:
+        """Wait for a table call on behalf of its caller, who then owns its failure."""
+        self._waited.add(future)
+        try:
+            return future.result()
+        except BaseException as exc:
+            if exc in self._failed_adds:  # recorded before we marked it as waited on
+                self._failed_adds.remove(exc)
+            raise
+        finally:
+            self._waited.discard(future)
+
     def _add_done(self, future: Future) -> None:
         self._adds.discard(future)
         exc = future.exception()
-        if exc is not None and not getattr(future, "_mv_observed", False):
+        if exc is not None and future not in self._waited:
             self._failed_adds.append(exc)
 
     # ------------------------------------------------------------ on the loop
@@ -238,30 +251,34 @@ class Client:
                 log.warning("error from %s: %s", conn.peer, frame.body["message"])
             return  # a reply that arrived after its request timed out
         call = pending.op
-        where = f"{call.name} on table {call.info.name!r} at server {pending.server} ({self.servers[pending.server]})"
         if frame.type is MsgType.ERROR:
-            self._fail(call, exception_for(frame.body["code"], f"{where}: {frame.body['message']}"))
+            self._fail(call, exception_for(frame.body["code"], f"{self._where(pending)}: {frame.body['message']}"))
         elif frame.type is MsgType.MOVED:
             asyncio.get_running_loop().create_task(self._resend_moved(pending, frame.body["map"]))
         else:
             try:
                 self._merge(pending, frame)
             except Exception as exc:
-                self._fail(call, MultiversoError(f"{where}: bad reply: {exc}"))
+                self._fail(call, MultiversoError(f"{self._where(pending)}: bad reply: {exc}"))
                 return
             call.left -= 1
             if call.left == 0 and not call.future.done():
                 call.future.set_result(call.result)
+
+    def _where(self, pending: _Pending) -> str:
+        call = pending.op
+        return f"{call.name} on table {call.info.name!r} at server {pending.server} ({self.servers[pending.server]})"
 
     def _merge(self, pending: _Pending, frame: Frame) -> None:
         replies = unpack_parts(frame.body, frame.buffers, self.config.limits)
         if len(replies) != len(pending.parts):
             raise MultiversoError(f"{len(replies)} parts in the reply, {len(pending.parts)} requested")
         call = pending.op
+        in_place = pending.dest is not None and all(a is b for a, b in zip(frame.buffers, pending.dest))
         for part, (pid, args, arrays) in zip(pending.parts, replies):
             if part.dest is not None:
-                for dest, array in zip(part.dest, arrays):
-                    if not np.shares_memory(np.frombuffer(dest, np.uint8), array):
+                if not in_place:  # the reader could not use the destination: copy once
+                    for dest, array in zip(part.dest, arrays):
                         np.frombuffer(dest, np.uint8)[:] = array.reshape(-1).view(np.uint8)
             elif call.on_reply is not None:
                 call.on_reply(part, arrays, args, call.result)

@@ -100,6 +100,8 @@ class Runtime(Protocol):
 
     def submit(self, op: str, info: TableInfo, parts: list[Part], on_reply: Optional[OnReply], result: Any) -> Future: ...
 
+    def wait(self, future: Future) -> Any: ...
+
 
 # ---------------------------------------------------------------- input validation
 
@@ -181,7 +183,7 @@ class RangeRows:
         order = np.argsort(pid, kind="stable")
         sorted_pid = pid[order]
         cuts = np.flatnonzero(np.diff(sorted_pid)) + 1
-        return [(int(sorted_pid[g[0]]), g) for g in np.split(order, cuts) if len(g)] if len(rows) else []
+        return [(int(pid[g[0]]), g) for g in np.split(order, cuts) if len(g)] if len(rows) else []
 
 
 class DenseRowShard:
@@ -259,33 +261,39 @@ class TableHandle:
         return self._runtime.submit(op, self._info, parts, on_reply, result)
 
     def _wait(self, future: Future) -> Any:
-        return future.result()
+        return self._runtime.wait(future)
 
     def __repr__(self) -> str:
         s = self._info.spec
         return f"{type(self).__name__}(name={self.name!r}, shape={s.shape}, dtype={s.dtype}, updater={s.updater!r})"
 
 
-def initial_content(init: Any, init_value: Any, shape: tuple, dtype: np.dtype, seed: Optional[int]) -> Optional[np.ndarray]:
-    """The master worker's initial content: init_value, or an init= description
-    ("zeros", ("uniform", low, high), ("normal", std)); None means zeros."""
+def initial_content(init: Any, init_value: Any, shape: tuple, dtype: np.dtype,
+                    seed: Optional[int]) -> Callable[[], Optional[np.ndarray]]:
+    """Validate init_value= or init= ("zeros", ("uniform", low, high), ("normal", std))
+    at once, on every worker; return what makes the content (called on the master only,
+    so random content is drawn once). It returns None for zeros."""
     if init_value is not None:
         if init is not None:
             raise InvalidArgument("give init_value= or init=, not both")
-        return check_shape(as_array(init_value, dtype, "init_value"), shape, "init_value")
+        values = check_shape(as_array(init_value, dtype, "init_value"), shape, "init_value")
+        return lambda: values
     if init is None or init == "zeros":
-        return None
-    rng = np.random.default_rng(seed)
+        return lambda: None
     kind = init[0] if isinstance(init, (tuple, list)) and init else None
-    if kind == "uniform" and len(init) == 3:
-        values = rng.uniform(float(init[1]), float(init[2]), size=shape)
-    elif kind == "normal" and len(init) == 2:
-        values = rng.normal(0.0, float(init[1]), size=shape)
-    else:
+    if not (kind == "uniform" and len(init) == 3 or kind == "normal" and len(init) == 2):
         raise InvalidArgument(f"init={init!r} is not 'zeros', ('uniform', low, high) or ('normal', std)")
     if not np.issubdtype(dtype, np.floating):
         raise InvalidArgument(f"random init= needs a float table, this one is {dtype}")
-    return values.astype(dtype)
+    params = [float(x) for x in init[1:]]
+
+    def draw() -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        if kind == "uniform":
+            return rng.uniform(params[0], params[1], size=shape).astype(dtype)
+        return rng.normal(0.0, params[0], size=shape).astype(dtype)
+
+    return draw
 
 
 class RangeTableHandle(TableHandle):
@@ -296,7 +304,7 @@ class RangeTableHandle(TableHandle):
                  init: Any, init_value: Any, seed: Optional[int]):
         self._row_shape = row_shape
         self._num_rows = spec.shape[0] if row_shape else math.prod(spec.shape)
-        self._initial = (init, init_value, seed)
+        self._initial = initial_content(init, init_value, spec.shape, np.dtype(spec.dtype), seed)
         super().__init__(runtime, name, spec)
         del self._initial
 
@@ -304,8 +312,7 @@ class RangeTableHandle(TableHandle):
         self._ranges = RangeRows(info.layout["bounds"])
 
     def _initialize(self) -> None:
-        init, init_value, seed = self._initial
-        values = initial_content(init, init_value, self._info.spec.shape, self.dtype, seed)
+        values = self._initial()
         if values is not None:
             self._wait(self._write_rows("set", values.reshape(self._num_rows, *self._row_shape), None))
 
