@@ -15,6 +15,7 @@ that the caller preallocated (a pending get's result array, say).
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -146,13 +147,15 @@ def check_descriptor(desc: Any, nbytes: int, limits: Limits = DEFAULT_LIMITS) ->
     if not (isinstance(desc, list) and len(desc) == 2):
         raise ProtocolError(f"array descriptor must be [dtype, shape], got {desc!r:.80}")
     name, shape = desc
-    if name not in ALLOWED_DTYPES:
+    if not isinstance(name, str) or name not in ALLOWED_DTYPES:
         raise ProtocolError(f"dtype {name!r:.40} is not allowed on the wire")
     if not isinstance(shape, list) or len(shape) > limits.max_array_dims:
         raise ProtocolError(f"array shape must be a list of at most {limits.max_array_dims} ints")
     if not all(type(n) is int and n >= 0 for n in shape):
         raise ProtocolError(f"array shape {shape!r:.80} has a negative or non-int size")
     dtype = np.dtype(name)
+    if math.prod(n or 1 for n in shape) * dtype.itemsize > np.iinfo(np.intp).max:
+        raise ProtocolError(f"array shape {shape!r:.80} is too big for numpy")
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
     if expected != nbytes:
         raise ProtocolError(f"array {name}{shape} needs {expected} bytes, buffer has {nbytes}")
@@ -282,7 +285,7 @@ class FrameReader:
     def __init__(self, limits: Limits = DEFAULT_LIMITS, allocator: Optional[Allocator] = None, staging: int = 256 * 1024):
         self.limits = limits
         self.allocator = allocator
-        self._staging = bytearray(staging)
+        self._staging = bytearray(max(staging, PREFIX.size))
         self._view = memoryview(self._staging)
         self._start = 0  # unread data lies in _staging[_start:_end]
         self._end = 0
@@ -329,6 +332,11 @@ class FrameReader:
             data = data[n:]
             frames.extend(self.buffer_updated(n))
         return frames
+
+    @property
+    def mid_frame(self) -> bool:
+        """Whether part of a frame has arrived but not all of it."""
+        return self._frame is not None or self._available() > 0
 
     # -- state machine
     def _available(self) -> int:

@@ -101,7 +101,10 @@ class _Job:
             args_out, arrays_out = partition.run(self.frame.type, body["client"], body["seq"], args, arrays)
             self.results[index] = (pid, args_out, arrays_out)
         except Exception as exc:  # reported to the caller as an ERROR reply
-            if not isinstance(exc, (MultiversoError, ValueError, IndexError)):
+            if isinstance(exc, (MultiversoError, ValueError, IndexError)):
+                log.warning("bad %s on table %s partition %s from %s: %s", self.frame.type.name, body["table"], pid,
+                            self.conn.peer, exc)
+            else:
                 log.exception("%s on table %s partition %s failed", self.frame.type.name, body["table"], pid)
             self.error = exc
         with self._lock:
@@ -171,6 +174,7 @@ class Server:
         body = frame.body
         table = self.tables.get(body["table"])
         if table is None:
+            log.warning("%s from %s names unknown table %s", frame.type.name, conn.peer, body["table"])
             conn.send_error(frame.req_id, ErrorCode.UNKNOWN_TABLE, f"server {self.server_id} has no table {body['table']}")
             return
         try:

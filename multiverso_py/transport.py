@@ -81,6 +81,8 @@ class Connection(asyncio.BufferedProtocol):
         return False  # close the transport
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if self.reader.mid_frame:
+            log.warning("connection from %s closed in the middle of a frame", self.peer)
         self.closed = True
         self._write_ready.set()
         if self.on_close is not None:
