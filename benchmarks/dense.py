@@ -14,7 +14,6 @@ import statistics
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 import multiverso_py as mv
+from benchmarks.limits import timed_rounds
 from multiverso_py.testing import LocalCluster
 
 MiB = 1 << 20
@@ -79,17 +79,6 @@ class Row:
         return "PASS" if ok else "MISS"
 
 
-def _timed_rounds(action: Callable[[], object], rounds: int) -> list[float]:
-    """Seconds of each of rounds calls, after one untimed warm-up call."""
-    action()
-    times: list[float] = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _gbps(nbytes: int, times: list[float]) -> list[float]:
     return [nbytes / t / 1e9 for t in times]
 
@@ -97,8 +86,8 @@ def _gbps(nbytes: int, times: list[float]) -> list[float]:
 def _dense(table: mv.ArrayTable, sizes: Sizes) -> tuple[list[float], list[float]]:
     """GB/s per round of get() and of add(delta) on the whole table."""
     delta = np.ones(table.size, np.float32)
-    pull = _gbps(sizes.dense_bytes, _timed_rounds(table.get, sizes.rounds))
-    push = _gbps(sizes.dense_bytes, _timed_rounds(lambda: table.add(delta), sizes.rounds))
+    pull = _gbps(sizes.dense_bytes, timed_rounds(table.get, sizes.rounds))
+    push = _gbps(sizes.dense_bytes, timed_rounds(lambda: table.add(delta), sizes.rounds))
     return pull, push
 
 
@@ -156,7 +145,7 @@ def run(limits: dict[str, float], quick: bool = False) -> list[Row]:
             mv.shutdown()
     mv.init()  # embedded: scheduler and server on this process's I/O thread
     try:
-        embedded = _gbps(sizes.dense_bytes, _timed_rounds(mv.ArrayTable(floats, name="dense").get, sizes.rounds))
+        embedded = _gbps(sizes.dense_bytes, timed_rounds(mv.ArrayTable(floats, name="dense").get, sizes.rounds))
     finally:
         mv.shutdown()
 

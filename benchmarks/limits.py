@@ -88,15 +88,19 @@ def _uv_run(coro: Coroutine[Any, Any, Any]) -> Any:
         loop.close()
 
 
-def _median_s(action: Callable[[], object], rounds: int) -> float:
-    """Median seconds of action over rounds, after one untimed warm-up call."""
+def timed_rounds(action: Callable[[], object], rounds: int) -> list[float]:
+    """Seconds of each of rounds calls, after one untimed warm-up call."""
     action()
     times: list[float] = []
     for _ in range(rounds):
         start = time.perf_counter()
         action()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def _median_s(action: Callable[[], object], rounds: int) -> float:
+    return statistics.median(timed_rounds(action, rounds))
 
 
 def _stream_receiver(port_conn: Connection, parent_pid: int, nbytes: int, rounds: int) -> None:

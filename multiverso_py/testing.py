@@ -11,7 +11,8 @@ import io
 import os
 import signal
 import tempfile
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 from multiverso_py.launcher import Children, start_nodes, worker_env
 
@@ -66,3 +67,14 @@ class LocalCluster:
 
     def worker_env(self, rank: int, **options) -> dict[str, str]:
         return worker_env(self.address, rank, **options)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll until condition() is true or the deadline passes; whether it became true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-import sys
+from typing import Iterator
 
 import pytest
 
 import multiverso_py as mv
 
-MV = [sys.executable, "-m", "multiverso_py"]
+JOB_ENV = ("MV_SCHEDULER", "MV_RANK", "MV_TIMEOUT", "MV_CONSISTENCY", "MV_STALENESS")
 
 
 @pytest.fixture(autouse=True)
-def _no_leaked_job():
+def _no_leaked_job() -> Iterator[None]:
     yield
     mv.shutdown()
 
 
 @pytest.fixture
-def embedded():
+def no_scheduler_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mv.init() must start an embedded job, whatever the calling shell exported."""
+    for var in JOB_ENV:
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def job(no_scheduler_env: None) -> Iterator[mv.Job]:
     """An embedded job (in-process scheduler and server) with a short timeout."""
-    with mv.init(timeout=20) as job:
-        yield job
+    with mv.init(timeout=20) as j:
+        yield j

@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import msgpack
 import numpy as np
@@ -36,23 +36,12 @@ from multiverso_py.protocol import (
     encode_bytes,
     pack_parts,
 )
-from multiverso_py.testing import LocalCluster
+from multiverso_py.testing import LocalCluster, wait_for
 
 SIZE = 4096  # elements in the well-behaved worker's table
 IO_TIMEOUT = 5.0  # seconds to wait for the server's answer on a raw socket
 PROGRESS_AFTER = 20  # worker iterations that must complete after the garbage
 GARBAGE_CLIENT = 7777  # client id on raw requests, distinct from the worker's
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    """Poll until condition() is true or the deadline passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 class GoodWorker(threading.Thread):

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -22,17 +21,7 @@ SHAPES = [7, (3, 4), (2, 3, 5)]
 BIG_ROWS = 3_000_000  # float32 elements: 12 MiB, more than one ~8 MiB partition on the one server
 
 
-@pytest.fixture(autouse=True)
-def _no_scheduler_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """mv.init() must start an embedded job, whatever the calling shell exported."""
-    for var in ("MV_SCHEDULER", "MV_RANK", "MV_TIMEOUT", "MV_CONSISTENCY", "MV_STALENESS"):
-        monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture
-def job(_no_scheduler_env: None) -> Iterator[mv.Job]:
-    with mv.init(timeout=20) as j:
-        yield j
+pytestmark = pytest.mark.usefixtures("no_scheduler_env")
 
 
 def sample(shape: tuple[int, ...] | int, dtype: str, seed: int = 0) -> np.ndarray:
@@ -53,7 +42,7 @@ def test_embedded_job_is_worker_0_of_1(job: mv.Job) -> None:
     mv.clock()
 
 
-def test_context_manager_leaves_the_job(_no_scheduler_env: None) -> None:
+def test_context_manager_leaves_the_job(no_scheduler_env: None) -> None:
     with mv.init(timeout=20) as job:
         assert isinstance(job, mv.Job)
         table = mv.ArrayTable(3)
@@ -65,7 +54,7 @@ def test_context_manager_leaves_the_job(_no_scheduler_env: None) -> None:
         mv.ArrayTable(3)
 
 
-def test_context_manager_leaves_the_job_on_error(_no_scheduler_env: None) -> None:
+def test_context_manager_leaves_the_job_on_error(no_scheduler_env: None) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         with mv.init(timeout=20):
             raise RuntimeError("boom")
@@ -73,7 +62,7 @@ def test_context_manager_leaves_the_job_on_error(_no_scheduler_env: None) -> Non
         mv.workers_num()
 
 
-def test_shutdown_twice_is_safe_and_init_works_again(_no_scheduler_env: None) -> None:
+def test_shutdown_twice_is_safe_and_init_works_again(no_scheduler_env: None) -> None:
     mv.init(timeout=20)
     table = mv.ArrayTable(2)
     table.add([5, 6])

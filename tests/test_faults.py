@@ -25,20 +25,9 @@ import psutil
 import pytest
 
 import multiverso_py as mv
-from multiverso_py.testing import LocalCluster
+from multiverso_py.testing import LocalCluster, wait_for
 
 CLI = Path(sys.executable).with_name("multiverso-py")  # the installed console script
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    """Poll until condition() is true or the deadline passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def assert_names_request(exc: BaseException, op: str, table: str, server: int) -> None:

@@ -9,7 +9,7 @@ issued and re-raises a failed one, so an add that had gone out and failed would 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -17,16 +17,7 @@ import pytest
 import multiverso_py as mv
 
 
-@pytest.fixture(autouse=True)
-def _no_scheduler_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("MV_SCHEDULER", "MV_RANK", "MV_TIMEOUT", "MV_CONSISTENCY", "MV_STALENESS"):
-        monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture
-def job(_no_scheduler_env: None) -> Iterator[mv.Job]:
-    with mv.init(timeout=20) as j:
-        yield j
+pytestmark = pytest.mark.usefixtures("no_scheduler_env")
 
 
 def raises_locally(call: Callable[[], Any], exc: type[BaseException], match: str) -> BaseException:
@@ -186,7 +177,7 @@ def test_random_init_of_int_table_creates_no_table(job: mv.Job) -> None:
     np.testing.assert_array_equal(retry.get(), np.zeros((2, 3)))
 
 
-def test_table_before_init(_no_scheduler_env: None) -> None:
+def test_table_before_init(no_scheduler_env: None) -> None:
     for make in (lambda: mv.ArrayTable(3), lambda: mv.MatrixTable(2, 2)):
         with pytest.raises(mv.NotInitialized, match=r"mv\.init"):
             make()
@@ -215,7 +206,7 @@ def test_table_spec_mismatch(job: mv.Job) -> None:
 # ------------------------------------------------------------------ mv.init
 
 
-def test_unknown_init_option(_no_scheduler_env: None) -> None:
+def test_unknown_init_option(no_scheduler_env: None) -> None:
     with pytest.raises(mv.InvalidArgument, match="bogus"):
         mv.init(bogus=1)
     with pytest.raises(mv.NotInitialized):
@@ -230,21 +221,21 @@ def test_unknown_init_option(_no_scheduler_env: None) -> None:
      ({"staleness": -1}, "-1")],
     ids=["timeout0", "timeout-neg", "consistency", "staleness"],
 )
-def test_bad_init_values(_no_scheduler_env: None, kwargs: dict, match: str) -> None:
+def test_bad_init_values(no_scheduler_env: None, kwargs: dict, match: str) -> None:
     with pytest.raises(mv.InvalidArgument, match=match):
         mv.init(**kwargs)
     with pytest.raises(mv.NotInitialized):
         mv.worker_id()
 
 
-def test_bad_timeout_env(monkeypatch: pytest.MonkeyPatch, _no_scheduler_env: None) -> None:
+def test_bad_timeout_env(monkeypatch: pytest.MonkeyPatch, no_scheduler_env: None) -> None:
     monkeypatch.setenv("MV_TIMEOUT", "soon")
     with pytest.raises(mv.InvalidArgument, match="soon"):
         mv.init()
 
 
 @pytest.mark.timeout(30)
-def test_unreachable_scheduler(_no_scheduler_env: None) -> None:
+def test_unreachable_scheduler(no_scheduler_env: None) -> None:
     start = time.monotonic()
     with pytest.raises(mv.ConnectFailed, match=r"127\.0\.0\.1:1\b"):
         mv.init("127.0.0.1:1", timeout=2)
@@ -256,7 +247,7 @@ def test_unreachable_scheduler(_no_scheduler_env: None) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_unreachable_scheduler_from_env(monkeypatch: pytest.MonkeyPatch, _no_scheduler_env: None) -> None:
+def test_unreachable_scheduler_from_env(monkeypatch: pytest.MonkeyPatch, no_scheduler_env: None) -> None:
     monkeypatch.setenv("MV_SCHEDULER", "127.0.0.1:1")
     with pytest.raises(mv.ConnectFailed, match=r"127\.0\.0\.1:1\b"):
         mv.init(timeout=2)
@@ -264,7 +255,7 @@ def test_unreachable_scheduler_from_env(monkeypatch: pytest.MonkeyPatch, _no_sch
 
 @pytest.mark.parametrize("address", ["nohost", "127.0.0.1:", ":9000", "127.0.0.1:port", "127.0.0.1:0",
                                      "127.0.0.1:70000"])
-def test_malformed_scheduler_address(_no_scheduler_env: None, address: str) -> None:
+def test_malformed_scheduler_address(no_scheduler_env: None, address: str) -> None:
     with pytest.raises(mv.MultiversoError, match="HOST:PORT") as info:
         mv.init(address, timeout=2)
     assert repr(address) in str(info.value)
@@ -272,7 +263,7 @@ def test_malformed_scheduler_address(_no_scheduler_env: None, address: str) -> N
         mv.worker_id()
 
 
-def test_malformed_scheduler_address_from_env(monkeypatch: pytest.MonkeyPatch, _no_scheduler_env: None) -> None:
+def test_malformed_scheduler_address_from_env(monkeypatch: pytest.MonkeyPatch, no_scheduler_env: None) -> None:
     monkeypatch.setenv("MV_SCHEDULER", "nohost")
     with pytest.raises(mv.MultiversoError, match="nohost"):
         mv.init(timeout=2)
