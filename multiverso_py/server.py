@@ -32,24 +32,34 @@ class ServerConfig:
     port: int = 0
     threads: int = min(4, os.cpu_count() or 1)
     connect_timeout: float = 10.0
+    flush_timeout: float = 30.0  # a reader this slow is dropped: it holds partitions closed
     limits: Limits = DEFAULT_LIMITS
 
 
 class PartitionQueue:
-    """Runs jobs for one partition one at a time, in submission order, on a shared pool."""
+    """Runs jobs for one partition one at a time, in submission order, on a shared pool.
+    A job that returns True holds the queue closed until release() (a get whose reply
+    still reads the partition's memory)."""
 
     def __init__(self, pool: ThreadPoolExecutor):
         self._pool = pool
-        self._jobs: deque[Callable[[], None]] = deque()
+        self._jobs: deque[Callable[[], bool]] = deque()
         self._lock = threading.Lock()
         self._running = False
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], bool]) -> None:
         with self._lock:
             self._jobs.append(job)
             if self._running:
                 return
             self._running = True
+        self._pool.submit(self._drain)
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._jobs:
+                self._running = False
+                return
         self._pool.submit(self._drain)
 
     def _drain(self) -> None:
@@ -59,7 +69,8 @@ class PartitionQueue:
                     self._running = False
                     return
                 job = self._jobs.popleft()
-            job()
+            if job():
+                return
 
 
 @dataclass
@@ -86,17 +97,24 @@ class Table:
 
 
 class _Job:
-    """One table request: its parts run on partition queues; the last one replies."""
+    """One table request: its parts run on partition queues; the last one replies.
+
+    A get replies with views of the partitions, not copies: each part holds its
+    partition's queue closed until the reply has been handed to the kernel, so no add
+    changes the data while it is on its way out."""
 
     def __init__(self, server: "Server", conn: Connection, frame: Frame, count: int):
         self.server, self.conn, self.frame = server, conn, frame
         self.results: list[Any] = [None] * count
         self.error: Optional[BaseException] = None
+        self.held: list[PartitionQueue] = []
         self._left = count
         self._lock = threading.Lock()
 
-    def run_part(self, index: int, pid: int, partition: Partition, args: dict, arrays: list) -> None:
+    def run_part(self, index: int, pid: int, partition: Partition, args: dict, arrays: list) -> bool:
+        """Runs on a pool thread; True keeps the partition's queue closed (see reply)."""
         body = self.frame.body
+        hold = self.frame.type is MsgType.GET
         try:
             args_out, arrays_out = partition.run(self.frame.type, body["client"], body["seq"], args, arrays)
             self.results[index] = (pid, args_out, arrays_out)
@@ -108,17 +126,26 @@ class _Job:
                 log.exception("%s on table %s partition %s failed", self.frame.type.name, body["table"], pid)
             self.error = exc
         with self._lock:
+            if hold:
+                self.held.append(partition.queue)
             self._left -= 1
             last = self._left == 0
         if last:
             self.server.loop.call_soon_threadsafe(self.reply)
+        return hold
 
     def reply(self) -> None:
         if self.error is not None:
             self.conn.send_error(self.frame.req_id, code_for(self.error), str(self.error))
-            return
-        parts, buffers = pack_parts(self.results)
-        self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts}, buffers)
+        else:
+            parts, buffers = pack_parts(self.results)
+            self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts}, buffers)
+        if self.held:
+            self.server.after_flush(self.conn, self._release)
+
+    def _release(self) -> None:
+        for queue in self.held:
+            queue.release()
 
 
 class Server:
@@ -193,6 +220,17 @@ class Server:
         for index, (pid, args, arrays) in enumerate(parts):
             partition = table.partitions[pid]
             partition.queue.submit(lambda i=index, p=pid, part=partition, a=args, arr=arrays: job.run_part(i, p, part, a, arr))
+
+    def after_flush(self, conn: Connection, callback: Callable[[], None]) -> None:
+        """Run callback once conn has sent its replies; drop a reader that stalls."""
+        conn.after_flush(callback)
+        if not conn.closed and conn.transport.get_write_buffer_size():
+            self.loop.call_later(self.config.flush_timeout, self._drop_if_stalled, conn)
+
+    def _drop_if_stalled(self, conn: Connection) -> None:
+        if not conn.closed and conn.transport.get_write_buffer_size():
+            log.warning("dropping %s: it read no reply for %ss", conn.peer, self.config.flush_timeout)
+            conn.abort()
 
     # -- the scheduler session
     async def register(self, scheduler: tuple[str, int]) -> int:

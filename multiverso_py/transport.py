@@ -50,13 +50,15 @@ class Connection(asyncio.BufferedProtocol):
         self.transport: Optional[asyncio.Transport] = None
         self.peer = "?"
         self.closed = False
-        self._write_ready = asyncio.Event()
-        self._write_ready.set()
+        self._lost = False  # connection_lost ran: the transport holds no buffers any more
+        self._flush_waiters: list[Callable[[], None]] = []
         self.context: Any = None  # what the owner knows of this peer (node id, role)
 
     # -- asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Pause at any unsent byte, resume at none: resume_writing then says "flushed".
+        transport.set_write_buffer_limits(high=0, low=0)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -83,16 +85,21 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         if self.reader.mid_frame:
             log.warning("connection from %s closed in the middle of a frame", self.peer)
-        self.closed = True
-        self._write_ready.set()
+        self.closed = self._lost = True
+        self._run_flush_waiters()
         if self.on_close is not None:
             self.on_close(self, exc)
 
     def pause_writing(self) -> None:
-        self._write_ready.clear()
+        pass  # after_flush() asks the transport directly
 
     def resume_writing(self) -> None:
-        self._write_ready.set()
+        self._run_flush_waiters()
+
+    def _run_flush_waiters(self) -> None:
+        waiters, self._flush_waiters = self._flush_waiters, []
+        for waiter in waiters:
+            waiter()
 
     # -- sending
     def send(self, msg_type: MsgType, req_id: int, body: Optional[dict] = None, buffers=()) -> None:
@@ -104,9 +111,18 @@ class Connection(asyncio.BufferedProtocol):
     def send_error(self, req_id: int, code: ErrorCode, message: str) -> None:
         self.send(MsgType.ERROR, req_id, {"code": int(code), "message": message})
 
-    async def drain(self) -> None:
-        """Wait until the peer has taken what was queued (back-pressure on big replies)."""
-        await self._write_ready.wait()
+    def after_flush(self, callback: Callable[[], None]) -> None:
+        """Call back once everything sent so far has been handed to the kernel, or the
+        connection is gone: until then the transport may still read the sent buffers."""
+        if self._lost or self.transport is None or self.transport.get_write_buffer_size() == 0:
+            callback()
+        else:
+            self._flush_waiters.append(callback)
+
+    def abort(self) -> None:
+        """Drop the connection and whatever it has not sent yet."""
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

@@ -203,10 +203,10 @@ class DenseRowShard:
         return rows - self.lo
 
     def get(self, args: dict, arrays: list) -> tuple[dict, list]:
-        """Whole partition (no arrays) or the rows named by arrays[0]; always a snapshot,
-        since adds may change the shard while the reply is on the wire."""
+        """Whole partition (no arrays: a view, which the server keeps unchanged until it is
+        sent) or the rows named by arrays[0]."""
         if not arrays:
-            return {}, [self.data.copy()]
+            return {}, [self.data]
         if len(arrays) != 1:
             raise InvalidArgument(f"a get carries at most row ids, got {len(arrays)} arrays")
         return {}, [self.data[self._local_rows(arrays[0])]]
