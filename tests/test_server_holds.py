@@ -1,0 +1,99 @@
+"""A get is sent from the partition's own memory: no add may change it on its way out,
+and a reader that never reads cannot keep the partition closed to everyone else."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+import multiverso_py as mv
+from multiverso_py.protocol import MsgType, encode_bytes, pack_parts
+from multiverso_py.scheduler import Scheduler, SchedulerConfig
+from multiverso_py.server import Server, ServerConfig
+from multiverso_py.testing import LocalCluster
+from multiverso_py.transport import LoopThread, parse_address
+
+pytestmark = pytest.mark.timeout(120)
+
+ROWS = 4 << 20  # 16 MiB of float32: two partitions, each big enough to be sent in pieces
+
+
+def _raw_adds(address: str, body: dict, buffers, count: int) -> None:
+    """Push `count` adds of one partition over a raw connection, reading every reply."""
+    with socket.create_connection(parse_address(address), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for seq in range(1, count + 1):
+            sock.sendall(encode_bytes(MsgType.ADD, seq, {**body, "seq": seq}, buffers))
+            sock.recv(1 << 16)  # the small REPLY; keeps adds and gets interleaving
+
+
+def _reads_until_closed(sock: socket.socket, limit: int = 1 << 30) -> bool:
+    """Drain what the server sent; True once it closed or reset the connection."""
+    received = 0
+    try:
+        while received < limit:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return True
+            received += len(chunk)
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def test_gets_are_never_torn_by_concurrent_adds():
+    with LocalCluster(workers=1, servers=1, log_level="warning") as cluster, mv.init(cluster.address, timeout=30):
+        table = mv.ArrayTable(ROWS, name="torn")
+        info = table._info
+        lo, hi = info.layout["bounds"][0], info.layout["bounds"][1]
+        parts, buffers = pack_parts([(0, {}, [np.ones(hi - lo, np.float32)])])
+        body = {"table": info.table_id, "client": 4242, "map": info.map_version, "parts": parts}
+        adder = threading.Thread(target=_raw_adds, args=(cluster.server_address(0), body, buffers, 60))
+        adder.start()
+        try:
+            seen = set()
+            while adder.is_alive() and len(seen) < 200:
+                values = table.get()[lo:hi]
+                assert values.min() == values.max(), "a get saw a partition half-way through an add"
+                seen.add(float(values[0]))
+        finally:
+            adder.join(60)
+        assert len(seen) > 1, "the adds never interleaved with the gets; the test proved nothing"
+        np.testing.assert_array_equal(table.get()[lo:hi], np.full(hi - lo, 60, np.float32))
+
+
+def test_a_reader_that_never_reads_is_dropped_and_frees_the_partition():
+    io = LoopThread()
+    scheduler = Scheduler(SchedulerConfig(workers=1, servers=1))
+    server = Server(ServerConfig(flush_timeout=1.0))
+
+    async def start() -> None:
+        await scheduler.start()
+        await server.start()
+        await server.register(parse_address(scheduler.address))
+
+    io.run(start(), 10)
+    try:
+        with mv.init(scheduler.address, timeout=20):
+            table = mv.ArrayTable(ROWS, name="stall")
+            info = table._info
+            # A peer asks for the whole table many times over and never reads a byte.
+            stalled = socket.create_connection(parse_address(server.address), timeout=10)
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            get = encode_bytes(MsgType.GET, 1, {"table": info.table_id, "client": 77, "seq": 1,
+                                                "map": info.map_version, "parts": [{"p": 0}, {"p": 1}]})
+            stalled.sendall(get * 8)
+            # The worker's add waits behind the stalled get, then goes through once the
+            # server drops the stalled reader (flush_timeout = 1 s, far below the 20 s timeout).
+            table.add(np.ones(ROWS, np.float32))
+            np.testing.assert_array_equal(table.get()[:3], [1, 1, 1])
+            stalled.settimeout(10)
+            assert _reads_until_closed(stalled), "the server kept the stalled connection open"
+            stalled.close()
+    finally:
+        io.call_soon(scheduler.close)
+        io.call_soon(server.close)
+        io.stop()
