@@ -300,3 +300,10 @@ if __name__ == "__main__":
     print(f"{'limit':<{width}}  {'value':>12}")
     for name, value in limits.items():
         print(f"{name:<{width}}  {value:>12,.2f}")
+
+
+def best_of(*runs: dict[str, float]) -> dict[str, float]:
+    """The best each limit reached over several measure_all() runs: the highest
+    throughput, the lowest latency. The machine can do at least that, so ratios to it
+    are conservative, and a burst of load during one measurement does not flatter them."""
+    return {key: (min if key.endswith("_us") else max)(run[key] for run in runs) for key in runs[0]}

@@ -42,13 +42,14 @@ class ArrayTable(RangeTableHandle):
         self.size = math.prod(self.shape)
         super().__init__(runtime, name, spec, (), init, init_value, seed)
 
-    def get_async(self, indices: Any = None) -> Future:
+    def get_async(self, indices: Any = None, *, out: Optional[np.ndarray] = None) -> Future:
         if indices is None:
-            return self._read_rows(None, self.shape)
-        return self._read_rows(as_index(indices, self.size, "indices"))
+            return self._read_rows(None, self.shape, out)
+        return self._read_rows(as_index(indices, self.size, "indices"), out=out)
 
-    def get(self, indices: Any = None) -> np.ndarray:
-        return self._wait(self.get_async(indices))
+    def get(self, indices: Any = None, *, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The whole tensor, or the values at flat `indices`; into `out` when given."""
+        return self._wait(self.get_async(indices, out=out))
 
     def add_async(self, delta: Any, indices: Any = None) -> Future:
         if indices is None:

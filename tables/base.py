@@ -316,20 +316,22 @@ class RangeTableHandle(TableHandle):
         if values is not None:
             self._wait(self._write_rows("set", values.reshape(self._num_rows, *self._row_shape), None))
 
-    def _read_rows(self, rows: Optional[np.ndarray], shape: Optional[tuple] = None) -> Future:
-        """Start a get of all rows (the result in `shape`) or of the given rows. Replies
-        are received straight into the result wherever its layout allows."""
+    def _read_rows(self, rows: Optional[np.ndarray], shape: Optional[tuple] = None,
+                   out: Optional[np.ndarray] = None) -> Future:
+        """Start a get of all rows (the result in `shape`) or of the given rows, into `out`
+        or a new array. Replies are received straight into the result wherever its
+        layout allows; reusing `out` also spares the page faults of fresh memory."""
         if rows is None:
-            result = np.empty(shape or (self._num_rows, *self._row_shape), self.dtype)
-            out = result.reshape(self._num_rows, *self._row_shape)
-            parts = [Part(p, dest=[_bytes_of(out[lo:hi])]) for p, lo, hi in self._ranges.whole()]
+            result = _result(out, shape or (self._num_rows, *self._row_shape), self.dtype)
+            flat = result.reshape(self._num_rows, *self._row_shape)
+            parts = [Part(p, dest=[_bytes_of(flat[lo:hi])]) for p, lo, hi in self._ranges.whole()]
             return self._submit("get", parts, None, result)
-        out = np.empty((len(rows), *self._row_shape), self.dtype)
+        result = _result(out, (len(rows), *self._row_shape), self.dtype)
         groups = self._ranges.split(rows)
         if len(groups) == 1:
-            return self._submit("get", [Part(groups[0][0], arrays=[rows], dest=[_bytes_of(out)])], None, out)
+            return self._submit("get", [Part(groups[0][0], arrays=[rows], dest=[_bytes_of(result)])], None, result)
         parts = [Part(p, arrays=[rows[pos]], positions=pos) for p, pos in groups]
-        return self._submit("get", parts, _scatter_rows, out)
+        return self._submit("get", parts, _scatter_rows, result)
 
     def _write_rows(self, op: str, delta: np.ndarray, rows: Optional[np.ndarray]) -> Future:
         """Start an add (or the master's set) of all rows or of the given rows."""
@@ -338,6 +340,18 @@ class RangeTableHandle(TableHandle):
         else:
             parts = [Part(p, arrays=[rows[pos], delta[pos]]) for p, pos in self._ranges.split(rows)]
         return self._submit(op, parts)
+
+
+def _result(out: Optional[np.ndarray], shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """A new result array, or the caller's `out` once it is known to fit exactly."""
+    if out is None:
+        return np.empty(shape, dtype)
+    if not isinstance(out, np.ndarray) or out.dtype != dtype or out.shape != tuple(shape):
+        got = f"{out.dtype}{list(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise InvalidArgument(f"out= must be a {dtype}{list(shape)} numpy array, got {got}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise InvalidArgument("out= must be C-contiguous and writeable")
+    return out
 
 
 def _scatter_rows(part: Part, arrays: list, args: dict, out: np.ndarray) -> None:

@@ -44,11 +44,12 @@ class MatrixTable(RangeTableHandle):
     def _rows(self, row_ids: Any) -> Optional[np.ndarray]:
         return None if row_ids is None else as_index(row_ids, self.num_rows, "row_ids")
 
-    def get_async(self, row_ids: Any = None) -> Future:
-        return self._read_rows(self._rows(row_ids))
+    def get_async(self, row_ids: Any = None, *, out: Optional[np.ndarray] = None) -> Future:
+        return self._read_rows(self._rows(row_ids), out=out)
 
-    def get(self, row_ids: Any = None) -> np.ndarray:
-        return self._wait(self.get_async(row_ids))
+    def get(self, row_ids: Any = None, *, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """All rows, or the rows `row_ids` in that order; into `out` when given."""
+        return self._wait(self.get_async(row_ids, out=out))
 
     def add_async(self, delta: Any, row_ids: Any = None) -> Future:
         rows = self._rows(row_ids)

@@ -342,3 +342,21 @@ def test_same_script_runs_under_launcher(script: Path) -> None:
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[worker 0] ok worker 0 of 1, 1 server(s)" in result.stdout.splitlines(), result.stdout + result.stderr
+
+
+def test_get_into_out_reuses_the_callers_array(job: mv.Job) -> None:
+    table = mv.MatrixTable(6, 3, dtype="float64", name="out", init_value=np.arange(18.0).reshape(6, 3))
+    whole = np.empty((6, 3))
+    assert table.get(out=whole) is whole
+    np.testing.assert_array_equal(whole, np.arange(18.0).reshape(6, 3))
+    rows = np.full((2, 3), -1.0)
+    assert table.get([5, 1], out=rows) is rows
+    np.testing.assert_array_equal(rows, [[15, 16, 17], [3, 4, 5]])
+    vector = mv.ArrayTable((2, 4), dtype="int32", name="out_vec", init_value=np.arange(8).reshape(2, 4))
+    flat = np.zeros((2, 4), np.int32)
+    assert vector.get_async(out=flat).result() is flat
+    np.testing.assert_array_equal(flat, np.arange(8).reshape(2, 4))
+    # The wrong dtype, shape or layout is refused before anything is sent.
+    for bad in (np.empty((6, 3), np.float32), np.empty((3, 6)), np.empty((3, 6)).T, [[0.0] * 3] * 6):
+        with pytest.raises(mv.InvalidArgument, match="out="):
+            table.get(out=bad)
