@@ -47,7 +47,7 @@ def check_staleness(staleness: Any) -> int:
 
 
 def table_spec(kind: str, shape: tuple, dtype: Any, updater: str, options: dict,
-               consistency: Optional[str], staleness: Optional[int]) -> TableSpec:
+               consistency: Optional[str], staleness: Optional[int], table_options: Optional[dict] = None) -> TableSpec:
     """A validated spec for a new table, with the job's defaults filled in."""
     try:
         shape = tuple(int(n) for n in shape)
@@ -65,4 +65,5 @@ def table_spec(kind: str, shape: tuple, dtype: Any, updater: str, options: dict,
         kind, shape, name, updater, dict(options),
         check_consistency(consistency or _defaults["consistency"]),
         check_staleness(_defaults["staleness"] if staleness is None else staleness),
+        dict(table_options or {}),
     )

@@ -18,6 +18,8 @@ class Updater:
 
     name = ""
     option_names: frozenset[str] = frozenset()
+    # Applying d1 then d2 equals applying d1 + d2: the client may merge queued adds.
+    additive = False
 
     def __init__(self, data: np.ndarray, options: dict):
         unknown = set(options) - self.option_names
@@ -35,11 +37,17 @@ class Updater:
         """Arrays of optimizer state, for checkpoints."""
         return {}
 
+    def resize(self, data: np.ndarray) -> None:
+        """The shard grew (a hash table's storage): `data` replaces `self.data`, its first
+        rows holding the old rows; state arrays must grow to match."""
+        self.data = data
+
 
 class AddUpdater(Updater):
     """w += d"""
 
     name = "add"
+    additive = True
 
     def apply(self, delta: np.ndarray, rows: Optional[np.ndarray], args: dict) -> None:
         if rows is None:
@@ -62,3 +70,7 @@ def make_updater(name: str, options: dict, data: np.ndarray) -> Updater:
 def check_updater(name: str, options: dict) -> None:
     """Raise at table creation, on the worker, for an unknown updater or option."""
     make_updater(name, options, np.zeros(1))
+
+
+def is_additive(name: str) -> bool:
+    return UPDATERS[name].additive

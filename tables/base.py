@@ -33,17 +33,19 @@ class TableSpec:
     options: dict = field(default_factory=dict)  # updater options
     consistency: str = "async"
     staleness: int = 0
+    table_options: dict = field(default_factory=dict)  # the table type's own, e.g. a KV initializer
 
     def to_wire(self) -> dict:
         return {"kind": self.kind, "shape": list(self.shape), "dtype": self.dtype, "updater": self.updater,
-                "options": dict(self.options), "consistency": self.consistency, "staleness": self.staleness}
+                "options": dict(self.options), "consistency": self.consistency, "staleness": self.staleness,
+                "table_options": dict(self.table_options)}
 
     @classmethod
     def from_wire(cls, d: dict) -> "TableSpec":
         try:
             spec = cls(str(d["kind"]), tuple(int(n) for n in d["shape"]), str(d["dtype"]),
                        str(d["updater"]), dict(d["options"]),
-                       str(d["consistency"]), int(d["staleness"]))
+                       str(d["consistency"]), int(d["staleness"]), dict(d.get("table_options", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgument(f"malformed table spec: {exc}") from None
         if spec.dtype not in TABLE_DTYPES:
@@ -54,7 +56,7 @@ class TableSpec:
 
     def mismatch(self, other: "TableSpec") -> Optional[str]:
         """What differs from another spec for the same name, or None."""
-        for attr in ("kind", "shape", "dtype", "updater", "options", "consistency", "staleness"):
+        for attr in ("kind", "shape", "dtype", "updater", "options", "consistency", "staleness", "table_options"):
             mine, theirs = getattr(self, attr), getattr(other, attr)
             if mine != theirs:
                 return f"{attr} {theirs!r} differs from the existing {mine!r}"
