@@ -15,13 +15,14 @@ from multiverso_py.errors import (
     ProtocolError, RemoteError, RequestTimeout, TableNotFound, TableSpecMismatch,
 )
 from multiverso_py.tables.array import ArrayTable
+from multiverso_py.tables.kv import KVTable
 from multiverso_py.tables.matrix import MatrixTable
 
 __version__ = "0.1.0"
 
 __all__ = [
     "init", "shutdown", "worker_id", "workers_num", "servers_num", "is_master_worker", "barrier", "clock", "Job",
-    "ArrayTable", "MatrixTable",
+    "ArrayTable", "MatrixTable", "KVTable",
     "MultiversoError", "InvalidArgument", "IndexOutOfRange", "ConnectFailed", "ConnectionLost", "RequestTimeout",
     "TableSpecMismatch", "TableNotFound", "NotInitialized", "ProtocolError", "RemoteError",
 ]

@@ -13,22 +13,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from multiverso_py.batching import BATCH_BYTES, chunk_messages, merge_adds, part_bytes, split_large
 from multiverso_py.errors import ConnectionLost, MultiversoError, RequestTimeout, exception_for
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
 from multiverso_py.tables.base import OnReply, Part, TableInfo, TableSpec
 from multiverso_py.transport import Connection, LoopThread, open_connection
+from multiverso_py.updaters import is_additive
 
 log = logging.getLogger(__name__)
 
-MESSAGE_TARGET_BYTES = 8 << 20  # parts are grouped into messages of about this size
 MAX_MOVED_RETRIES = 5
 _OPS = {"get": MsgType.GET, "add": MsgType.ADD, "set": MsgType.SET}
 
@@ -42,17 +44,33 @@ class _Op:
     future: Future
     on_reply: Optional[OnReply]
     result: Any
+    finish: Optional[Callable[[Any], Any]] = None  # turns result into the future's value
     left: int = 0
     moved_retries: int = 0
 
 
 @dataclass
 class _Pending:
-    op: _Op
+    """One message in flight. It carries the parts of one call, or the merged parts of
+    several queued adds (a batch); its reply completes one share of each of `ops`."""
+
+    ops: list[_Op]
     server: int
     parts: list[Part]
     deadline: float
     dest: Optional[list[memoryview]] = None
+
+
+@dataclass
+class _Batch:
+    """Small adds to one table, gathered on the caller's side until the I/O thread takes
+    them (at its next turn) or they reach BATCH_BYTES. They share one message per server
+    and one future: each add_async of the batch returns it."""
+
+    call: _Op
+    parts: list[Part] = field(default_factory=list)
+    nbytes: int = 0
+    count: int = 0
 
 
 @dataclass
@@ -89,6 +107,9 @@ class Client:
         self._adds: set[Future] = set()
         self._waited: set[Future] = set()  # add futures a caller waits on: their failure is theirs
         self._failed_adds: list[BaseException] = []
+        self._open_batches: dict[int, _Batch] = {}  # table id -> small adds not yet taken by the loop
+        self._batch_lock = threading.Lock()
+        self.batched_adds = 0  # adds that went out in a batch, for tests and benchmarks
         self._sweeper: Optional[asyncio.Task] = None
         self._leaving = False
 
@@ -134,14 +155,37 @@ class Client:
     def table_ready(self, info: TableInfo) -> None:
         self.control(MsgType.TABLE_READY, {"table": info.table_id}, f"table {info.name!r} ready")
 
-    def submit(self, op: str, info: TableInfo, parts: list[Part], on_reply: Optional[OnReply], result: Any) -> Future:
-        future: Future = Future()
-        call = _Op(op, info, future, on_reply, result)
-        if op != "get":
-            self._adds.add(future)
-            future.add_done_callback(self._add_done)
+    def submit(self, op: str, info: TableInfo, parts: list[Part], on_reply: Optional[OnReply], result: Any,
+               finish: Optional[Callable[[Any], Any]] = None) -> Future:
+        """Start a table call from the caller's thread. A small add joins its table's open
+        batch; anything else closes that batch first, so one table's calls take effect in
+        the order issued."""
+        nbytes = sum(part_bytes(p) for p in parts) if op == "add" else BATCH_BYTES
+        with self._batch_lock:
+            batch = self._open_batches.get(info.table_id)
+            if nbytes < BATCH_BYTES:
+                if batch is None:
+                    batch = self._open_batches[info.table_id] = _Batch(self._new_op(op, info, None, None, None))
+                    self.io.call_soon(self._send_batch, info.table_id, batch)
+                batch.parts.extend(parts)
+                batch.nbytes += nbytes
+                batch.count += 1
+                if batch.nbytes >= BATCH_BYTES:
+                    del self._open_batches[info.table_id]
+                return batch.call.future
+            if batch is not None:
+                del self._open_batches[info.table_id]
+        call = self._new_op(op, info, on_reply, result, finish)
         self.io.call_soon(self._send_op, call, parts)
-        return future
+        return call.future
+
+    def _new_op(self, op: str, info: TableInfo, on_reply: Optional[OnReply], result: Any,
+                finish: Optional[Callable[[Any], Any]]) -> _Op:
+        call = _Op(op, info, Future(), on_reply, result, finish)
+        if op != "get":
+            self._adds.add(call.future)
+            call.future.add_done_callback(self._add_done)
+        return call
 
     def wait(self, future: Future) -> Any:
         """Wait for a table call on behalf of its caller, who then owns its failure."""
@@ -207,30 +251,54 @@ class Client:
         if call.future.done():
             return
         by_server: dict[int, list[Part]] = {}
-        for part in parts:
+        for part in split_large(parts):
             by_server.setdefault(call.info.owners[part.pid], []).append(part)
-        messages = [(sid, group) for sid, server_parts in by_server.items() for group in _chunks(server_parts)]
+        messages = [(sid, group) for sid, server_parts in by_server.items() for group in chunk_messages(server_parts)]
         call.left += len(messages)
         if not messages:
-            call.future.set_result(call.result)
+            self._complete(call)
         for sid, group in messages:
-            self._send_message(call, sid, group)
+            self._send_message([call], sid, group)
 
-    def _send_message(self, call: _Op, sid: int, parts: list[Part]) -> None:
+    def _send_batch(self, table_id: int, batch: _Batch) -> None:
+        """Close a batch (later adds start a new one) and send it, merged where the updater
+        allows, one message per server."""
+        with self._batch_lock:
+            if self._open_batches.get(table_id) is batch:
+                del self._open_batches[table_id]
+        spec = batch.call.info.spec
+        self.batched_adds += batch.count
+        self._send_op(batch.call, merge_adds(batch.parts) if is_additive(spec.updater) else batch.parts)
+
+    def _send_message(self, ops: list[_Op], sid: int, parts: list[Part]) -> None:
         conn = self._conns.get(sid)
+        info = ops[0].info
         if conn is None or conn.closed:
-            self._fail(call, ConnectionLost(f"{call.name} on table {call.info.name!r}: server {sid} "
-                                            f"({self.servers.get(sid, '?')}) is not connected"))
+            for call in ops:
+                self._fail(call, ConnectionLost(f"{call.name} on table {info.name!r}: server {sid} "
+                                                f"({self.servers.get(sid, '?')}) is not connected"))
             return
         req_id = next(self._req_ids)
         dest = None
         if all(p.dest is not None for p in parts):
             dest = [d for p in parts for d in p.dest]
-        self._pending[req_id] = _Pending(call, sid, parts, time.monotonic() + self.timeout, dest)
+        self._pending[req_id] = _Pending(ops, sid, parts, time.monotonic() + self.timeout, dest)
         body_parts, buffers = pack_parts([(p.pid, p.args, p.arrays) for p in parts])
-        body = {"table": call.info.table_id, "client": self.worker_id, "seq": next(self._seq),
-                "map": call.info.map_version, "parts": body_parts}
-        conn.send(_OPS[call.name], req_id, body, buffers)
+        body = {"table": info.table_id, "client": self.worker_id, "seq": next(self._seq),
+                "map": info.map_version, "parts": body_parts}
+        info.stats.requests += 1
+        info.stats.bytes_sent += sum(b.nbytes for b in buffers)
+        conn.send(_OPS[ops[0].name], req_id, body, buffers)
+
+    def _complete(self, call: _Op) -> None:
+        if call.future.done():
+            return
+        try:
+            value = call.finish(call.result) if call.finish is not None else call.result
+        except Exception as exc:
+            call.future.set_exception(exc)
+            return
+        call.future.set_result(value)
 
     def _allocate(self, msg_type: MsgType, req_id: int, body: dict, lengths: list[int]) -> Optional[list[memoryview]]:
         """Receive a get's reply straight into its result array."""
@@ -250,30 +318,31 @@ class Client:
             if frame.type is MsgType.ERROR:
                 log.warning("error from %s: %s", conn.peer, frame.body["message"])
             return  # a reply that arrived after its request timed out
-        call = pending.op
         if frame.type is MsgType.ERROR:
-            self._fail(call, exception_for(frame.body["code"], f"{self._where(pending)}: {frame.body['message']}"))
+            self._fail_pending(pending, exception_for(frame.body["code"], f"{self._where(pending)}: {frame.body['message']}"))
         elif frame.type is MsgType.MOVED:
-            asyncio.get_running_loop().create_task(self._resend_moved(pending, frame.body["map"]))
+            asyncio.get_running_loop().create_task(self._resend_moved(pending))
         else:
             try:
                 self._merge(pending, frame)
             except Exception as exc:
-                self._fail(call, MultiversoError(f"{self._where(pending)}: bad reply: {exc}"))
+                self._fail_pending(pending, MultiversoError(f"{self._where(pending)}: bad reply: {exc}"))
                 return
-            call.left -= 1
-            if call.left == 0 and not call.future.done():
-                call.future.set_result(call.result)
+            for call in pending.ops:
+                call.left -= 1
+                if call.left == 0:
+                    self._complete(call)
 
     def _where(self, pending: _Pending) -> str:
-        call = pending.op
+        call = pending.ops[0]
         return f"{call.name} on table {call.info.name!r} at server {pending.server} ({self.servers[pending.server]})"
 
     def _merge(self, pending: _Pending, frame: Frame) -> None:
         replies = unpack_parts(frame.body, frame.buffers, self.config.limits)
         if len(replies) != len(pending.parts):
             raise MultiversoError(f"{len(replies)} parts in the reply, {len(pending.parts)} requested")
-        call = pending.op
+        call = pending.ops[0]
+        call.info.stats.bytes_received += sum(b.nbytes for b in frame.buffers)
         in_place = pending.dest is not None and all(a is b for a, b in zip(frame.buffers, pending.dest))
         for part, (pid, args, arrays) in zip(pending.parts, replies):
             if part.dest is not None:
@@ -283,28 +352,35 @@ class Client:
             elif call.on_reply is not None:
                 call.on_reply(part, arrays, args, call.result)
 
-    async def _resend_moved(self, pending: _Pending, version: int) -> None:
+    async def _resend_moved(self, pending: _Pending) -> None:
         """A server no longer holds a partition: refresh the map and resend the parts."""
-        call = pending.op
+        call = pending.ops[0]
         call.moved_retries += 1
         if call.moved_retries > MAX_MOVED_RETRIES:
-            self._fail(call, MultiversoError(f"{call.name} on table {call.info.name!r}: partitions keep moving"))
+            self._fail_pending(pending, MultiversoError(f"{call.name} on table {call.info.name!r}: partitions keep moving"))
             return
         try:
             data = await self._ask_scheduler(MsgType.SHARD_MAP, {"table": call.info.table_id},
                                              f"refreshing the map of table {call.info.name!r}")
         except MultiversoError as exc:
-            self._fail(call, exc)
+            self._fail_pending(pending, exc)
             return
         call.info.owners, call.info.map_version = data["owners"], data["map"]
-        call.left -= 1
-        self._send_op(call, pending.parts)
+        by_server: dict[int, list[Part]] = {}
+        for part in pending.parts:
+            by_server.setdefault(call.info.owners[part.pid], []).append(part)
+        for op in pending.ops:
+            op.left += len(by_server) - 1
+        for sid, parts in by_server.items():
+            self._send_message(pending.ops, sid, parts)
 
     def _fail(self, call: _Op, exc: BaseException) -> None:
-        for req_id in [r for r, p in self._pending.items() if p.op is call]:
-            del self._pending[req_id]
         if not call.future.done():
             call.future.set_exception(exc)
+
+    def _fail_pending(self, pending: _Pending, exc: BaseException) -> None:
+        for call in pending.ops:
+            self._fail(call, exc)
 
     def _on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
         if conn is self._scheduler:
@@ -317,8 +393,10 @@ class Client:
         sid = conn.context
         for req_id, pending in list(self._pending.items()):
             if pending.server == sid:
-                self._fail(pending.op, ConnectionLost(
-                    f"{pending.op.name} on table {pending.op.info.name!r}: connection to server {sid} "
+                del self._pending[req_id]
+                call = pending.ops[0]
+                self._fail_pending(pending, ConnectionLost(
+                    f"{call.name} on table {call.info.name!r}: connection to server {sid} "
                     f"({self.servers.get(sid, '?')}) lost"))
         if not self._leaving:
             log.error("lost the connection to server %s", sid)
@@ -332,21 +410,9 @@ class Client:
             for req_id, pending in list(self._pending.items()):
                 if pending.deadline > now:
                     break
-                call = pending.op
-                self._fail(call, RequestTimeout(
+                del self._pending[req_id]
+                call = pending.ops[0]
+                self._fail_pending(pending, RequestTimeout(
                     f"{call.name} on table {call.info.name!r}: no reply from server {pending.server} "
                     f"({self.servers[pending.server]}) within {self.timeout}s"))
 
-
-def _chunks(parts: list[Part]) -> list[list[Part]]:
-    """Group one server's parts into messages of about MESSAGE_TARGET_BYTES."""
-    groups: list[list[Part]] = [[]]
-    size = 0
-    for part in parts:
-        nbytes = sum(a.nbytes for a in part.arrays) + sum(d.nbytes for d in part.dest or ())
-        if groups[-1] and size + nbytes > MESSAGE_TARGET_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(part)
-        size += nbytes
-    return groups if groups[0] else []

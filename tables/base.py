@@ -8,6 +8,7 @@ one per partition, and the runtime routes them; a shard applies one Part on nump
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -79,6 +80,17 @@ OnReply = Callable[[Part, list[np.ndarray], dict, Any], None]
 
 
 @dataclass
+class TableStats:
+    """What a worker's use of one table cost: messages, payload bytes, rows moved."""
+
+    requests: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rows_sent: int = 0
+    rows_received: int = 0
+
+
+@dataclass
 class TableInfo:
     """A created table as the worker sees it: id, spec, layout and shard map."""
 
@@ -88,6 +100,7 @@ class TableInfo:
     layout: dict  # table-type specific, e.g. {"bounds": [...]} for range partitions
     owners: list[int]  # partition id -> server id
     map_version: int
+    stats: TableStats = field(default_factory=TableStats)
 
 
 class Runtime(Protocol):
@@ -100,7 +113,8 @@ class Runtime(Protocol):
 
     def table_ready(self, info: TableInfo) -> None: ...
 
-    def submit(self, op: str, info: TableInfo, parts: list[Part], on_reply: Optional[OnReply], result: Any) -> Future: ...
+    def submit(self, op: str, info: TableInfo, parts: list[Part], on_reply: Optional[OnReply], result: Any,
+               finish: Optional[Callable[[Any], Any]] = None) -> Future: ...
 
     def wait(self, future: Future) -> Any: ...
 
@@ -167,15 +181,13 @@ class RangeRows:
 
     def __init__(self, bounds: Sequence[int]):
         self.bounds = np.asarray(bounds, dtype=np.int64)
-
-    @property
-    def count(self) -> int:
-        return len(self.bounds) - 1
+        self.count = len(self.bounds) - 1
+        b = [int(x) for x in bounds]
+        self._whole = [(p, b[p], b[p + 1]) for p in range(self.count) if b[p + 1] > b[p]]
 
     def whole(self) -> list[tuple[int, int, int]]:
         """(partition, lo, hi) of every non-empty partition."""
-        b = self.bounds
-        return [(p, int(b[p]), int(b[p + 1])) for p in range(self.count) if b[p + 1] > b[p]]
+        return self._whole
 
     def split(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(partition, positions into rows) for each partition that some row falls in."""
@@ -259,8 +271,14 @@ class TableHandle:
     def _initialize(self) -> None:
         """Master worker only: write the initial content (zeros need nothing)."""
 
-    def _submit(self, op: str, parts: list[Part], on_reply: Optional[OnReply] = None, result: Any = None) -> Future:
-        return self._runtime.submit(op, self._info, parts, on_reply, result)
+    def _submit(self, op: str, parts: list[Part], on_reply: Optional[OnReply] = None, result: Any = None,
+                finish: Optional[Callable[[Any], Any]] = None) -> Future:
+        return self._runtime.submit(op, self._info, parts, on_reply, result, finish)
+
+    def stats(self) -> dict:
+        """This worker's traffic on this table: requests, bytes sent and received (array
+        payload), rows sent and received."""
+        return dataclasses.asdict(self._info.stats)
 
     def _wait(self, future: Future) -> Any:
         return self._runtime.wait(future)

@@ -1,0 +1,75 @@
+"""How a worker's Parts become messages: bounded chunks for big requests, one message for
+many small adds. Pure functions over Parts; no I/O.
+
+Parts follow the tables' convention: an add part carries [values] for a whole partition
+or [index, values] for some of its rows or keys; a get part carries [] or [index].
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from multiverso_py.tables.base import Part
+
+MESSAGE_TARGET_BYTES = 8 << 20  # parts are grouped into messages of about this size
+BATCH_BYTES = 64 << 10  # an add smaller than this may wait one loop turn to share a message
+
+
+def part_bytes(part: Part) -> int:
+    return sum(a.nbytes for a in part.arrays) + sum(d.nbytes for d in part.dest or ())
+
+
+def split_large(parts: Iterable[Part], target: int = MESSAGE_TARGET_BYTES) -> list[Part]:
+    """Cut parts that carry an index (rows or keys) into pieces of about `target` bytes,
+    so that one huge request cannot monopolise a connection. Whole-partition parts are
+    bounded already: partitions are sized to about `target`."""
+    out: list[Part] = []
+    for part in parts:
+        nbytes = part_bytes(part)
+        if nbytes <= target or part.dest is not None or not part.arrays or part.arrays[0].ndim != 1:
+            out.append(part)
+            continue
+        count = len(part.arrays[0])
+        step = max(1, count * target // nbytes)
+        for lo in range(0, count, step):
+            positions = None if part.positions is None else part.positions[lo:lo + step]
+            out.append(Part(part.pid, part.args, [a[lo:lo + step] for a in part.arrays], None, positions))
+    return out
+
+
+def chunk_messages(parts: list[Part], target: int = MESSAGE_TARGET_BYTES) -> list[list[Part]]:
+    """Group one server's parts into messages of about `target` bytes, in order."""
+    groups: list[list[Part]] = [[]]
+    size = 0
+    for part in parts:
+        nbytes = part_bytes(part)
+        if groups[-1] and size + nbytes > target:
+            groups.append([])
+            size = 0
+        groups[-1].append(part)
+        size += nbytes
+    return groups if groups[0] else []
+
+
+def merge_adds(parts: list[Part]) -> list[Part]:
+    """Merge queued add parts of one table, for an additive updater (applying d1 then d2
+    equals applying d1 + d2): whole-partition deltas of a partition are summed, indexed
+    ones concatenated (the shard sums repeated rows or keys). Order across partitions
+    does not matter; within one, every add stays in the merged part."""
+    by_pid: dict[tuple[int, int], list[Part]] = {}
+    for part in parts:
+        by_pid.setdefault((part.pid, len(part.arrays)), []).append(part)
+    merged = []
+    for (pid, width), group in by_pid.items():
+        if len(group) == 1 or any(p.args for p in group):
+            merged.extend(group)
+        elif width == 1:
+            total = group[0].arrays[0].copy()  # np.sum would widen int32 to int64
+            for p in group[1:]:
+                total += p.arrays[0]
+            merged.append(Part(pid, arrays=[total]))
+        else:
+            merged.append(Part(pid, arrays=[np.concatenate([p.arrays[i] for p in group]) for i in range(width)]))
+    return merged

@@ -1,0 +1,283 @@
+"""KVTable: a hash table from 64-bit keys to fixed-size rows, hash-partitioned over servers.
+
+Keys are carried as uint64 bit patterns, so -1 and 2**64-1 name the same key. A key's
+partition is taken from the high 32 bits of its splitmix64 mix and its slot in a shard's
+KeyIndex from the low bits, so the two choices do not correlate.
+
+A table has PARTITIONS_PER_SERVER partitions per server, fixed at creation: each server
+then runs a batch's parts on several pool threads at once (a partition's operations are
+serial), a growing shard copies only its own rows when it doubles, and a later rebalance
+could move load in eighths of a server. The price, one part per partition touched, is a
+few bytes of header each.
+
+Missing keys take an initial row computed on the server from a hash of (table seed, key,
+column): the same key gets the same row whatever the number of servers, and no worker
+has to write initial content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import weakref
+import zlib
+from concurrent.futures import Future
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from multiverso_py import context
+from multiverso_py.errors import InvalidArgument
+from multiverso_py.tables.base import Part, TableHandle, TableInfo, TableSpec, as_array
+from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64_int
+from multiverso_py.updaters import Updater, check_updater, make_updater
+
+PARTITIONS_PER_SERVER = 8
+KEY_DTYPES = ("int64", "uint64")
+INITIAL_ROWS = 64
+_UNIT = 2.0 ** -53
+
+# Unnamed KV tables get their name here, not from the runtime, because the initializer's
+# seed derives from the name and must be in the spec before the table is created.
+_unnamed: "weakref.WeakKeyDictionary[Any, itertools.count]" = weakref.WeakKeyDictionary()
+
+
+def layout(spec: TableSpec, num_servers: int) -> dict:
+    return {"partitions": PARTITIONS_PER_SERVER * num_servers}
+
+
+def make_shard(spec: TableSpec, layout: dict, pid: int) -> "KVShard":
+    return KVShard(spec)
+
+
+def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
+    """The partition of every uint64 key: the high 32 bits of its mix scaled to [0, P)."""
+    return ((mix64(keys) >> np.uint64(32)) * np.uint64(partitions) >> np.uint64(32)).astype(np.intp)
+
+
+def as_keys(value: Any) -> np.ndarray:
+    """Keys as a 1-D uint64 array of bit patterns, from a list, an integer array of any
+    dtype or a torch tensor; negative keys wrap to their two's complement."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    try:
+        keys = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"keys are not array-like: {exc}") from None
+    if keys.ndim != 1:
+        raise InvalidArgument(f"keys must be one-dimensional, got shape {keys.shape}")
+    if keys.dtype.kind in "fO" and isinstance(value, (list, tuple)) and _all_ints(value):
+        keys = _wrap_ints(value)  # numpy makes float64 or object of ints beyond int64 mixed with others
+    if keys.size == 0:
+        return np.empty(0, dtype=np.uint64)
+    if not np.issubdtype(keys.dtype, np.integer):
+        raise InvalidArgument(f"keys must be integers, got dtype {keys.dtype}")
+    if np.issubdtype(keys.dtype, np.signedinteger):
+        return keys.astype(np.int64, copy=False).view(np.uint64)
+    return keys.astype(np.uint64, copy=False)
+
+
+def _all_ints(values: Sequence) -> bool:
+    return all(isinstance(k, int) and not isinstance(k, bool) for k in values)
+
+
+def _wrap_ints(values: Sequence[int]) -> np.ndarray:
+    bad = next((k for k in values if not -(1 << 63) <= k <= MASK64), None)
+    if bad is not None:
+        raise InvalidArgument(f"key {bad} does not fit in 64 bits")
+    return np.array([k & MASK64 for k in values], dtype=np.uint64)
+
+
+def check_init(init: Any, dtype: np.dtype) -> list:
+    """init= as it travels in the spec: ["zeros"], ["uniform", low, high] or ["normal", std]."""
+    if init is None or init == "zeros":
+        return ["zeros"]
+    kind = init[0] if isinstance(init, (tuple, list)) and init else None
+    try:
+        params = [float(x) for x in init[1:]] if kind in ("uniform", "normal") else None
+    except (TypeError, ValueError):
+        params = None
+    if params is None or not (kind == "uniform" and len(params) == 2 and params[0] <= params[1]
+                              or kind == "normal" and len(params) == 1 and params[0] >= 0):
+        raise InvalidArgument(f"init={init!r} is not 'zeros', ('uniform', low, high) with low <= high "
+                              "or ('normal', std) with std >= 0")
+    if not all(np.isfinite(params)):
+        raise InvalidArgument(f"init={init!r} has a parameter that is not finite")
+    if not np.issubdtype(dtype, np.floating):
+        raise InvalidArgument(f"random init= needs a float table, this one is {dtype}")
+    return [kind, *params]
+
+
+def table_seed(name: str, seed: Optional[int]) -> int:
+    """The initializer's seed: stable across processes (crc32, not hash()), and distinct
+    per table name and per seed=."""
+    base = mix64_int(zlib.crc32(name.encode()))
+    return base if seed is None else mix64_int(base ^ mix64_int(int(seed) + int(GOLDEN)))
+
+
+def initial_rows(init: list, seed: int, keys: np.ndarray, dim: int, dtype: np.dtype) -> np.ndarray:
+    """The initial rows of uint64 keys: a (len(keys), dim) array; each value depends only
+    on (seed, key, column)."""
+    if init[0] == "zeros":
+        return np.zeros((len(keys), dim), dtype=dtype)
+    base = mix64(keys ^ np.uint64(seed))[:, None]
+    columns = np.arange(dim, dtype=np.uint64)[None, :]
+
+    def unit(stream: int) -> np.ndarray:  # a float64 in [0, 1) per (key, column, stream)
+        salt = (np.uint64(2) * columns + np.uint64(stream + 1)) * GOLDEN
+        return (mix64(base + salt) >> np.uint64(11)).astype(np.float64) * _UNIT
+
+    if init[0] == "uniform":
+        low, high = init[1], init[2]
+        return (low + (high - low) * unit(0)).astype(dtype)
+    radius = np.sqrt(-2.0 * np.log1p(-unit(0)))  # Box-Muller; 1 - u lies in (0, 1]
+    return (init[1] * radius * np.cos(2.0 * np.pi * unit(1))).astype(dtype)
+
+
+class KVShard:
+    """One partition of a KV table on a server: rows in one array that doubles as it fills
+    (amortized O(1) per insert), found through a KeyIndex."""
+
+    def __init__(self, spec: TableSpec):
+        options = spec.table_options
+        self.dim = spec.shape[0]
+        self.dtype = np.dtype(spec.dtype)
+        self.init, self.seed = list(options["init"]), int(options["init_seed"])
+        self.insert_on_get = bool(options["insert_on_get"])
+        self.index = KeyIndex()
+        self.size = 0
+        self.data = np.zeros((INITIAL_ROWS, self.dim), dtype=self.dtype)
+        self.updater: Updater = make_updater(spec.updater, spec.options, self.data)
+
+    def _keys(self, arrays: list, count: int, op: str) -> np.ndarray:
+        if len(arrays) != count:
+            raise InvalidArgument(f"a KV {op} carries {count} array(s), got {len(arrays)}")
+        keys = arrays[0]
+        if keys.dtype != np.uint64 or keys.ndim != 1:
+            raise InvalidArgument(f"KV keys must be a 1-D uint64 array, got {keys.dtype}{list(keys.shape)}")
+        return keys
+
+    def _insert_missing(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Give the keys whose row is -1 new rows with their initial content; return all rows."""
+        missing = rows < 0
+        if not missing.any():
+            return rows
+        new_keys, inverse = np.unique(keys[missing], return_inverse=True)
+        start, end = self.size, self.size + len(new_keys)
+        if end > len(self.data):
+            capacity = len(self.data)
+            while capacity < end:
+                capacity *= 2
+            grown = np.empty((capacity, self.dim), dtype=self.dtype)
+            grown[:start] = self.data[:start]
+            self.data = grown
+            self.updater.resize(grown)
+        self.index.insert(new_keys, np.arange(start, end))
+        self.data[start:end] = initial_rows(self.init, self.seed, new_keys, self.dim, self.dtype)
+        self.size = end
+        rows = rows.copy()
+        rows[missing] = start + inverse.reshape(-1)
+        return rows
+
+    def get(self, args: dict, arrays: list) -> tuple[dict, list]:
+        """The rows of arrays[0]'s keys (a copy), or with args {"op": "len"} the key count."""
+        if args.get("op") == "len":
+            return {"count": self.size}, []
+        keys = self._keys(arrays, 1, "get")
+        rows = self.index.lookup(keys)
+        if self.insert_on_get:
+            return {}, [self.data[self._insert_missing(keys, rows)]]
+        found = rows >= 0
+        out = np.empty((len(keys), self.dim), dtype=self.dtype)
+        out[found] = self.data[rows[found]]
+        out[~found] = initial_rows(self.init, self.seed, keys[~found], self.dim, self.dtype)
+        return {}, [out]
+
+    def add(self, args: dict, arrays: list) -> tuple[dict, list]:
+        """Add values to the rows of keys (missing keys start from their initial row)."""
+        keys = self._keys(arrays, 2, "add")
+        values = arrays[1]
+        if values.shape != (len(keys), self.dim) or values.dtype != self.dtype:
+            raise InvalidArgument(f"values {values.dtype}{list(values.shape)} do not match "
+                                  f"{self.dtype}{[len(keys), self.dim]}")
+        rows = self._insert_missing(keys, self.index.lookup(keys))
+        self.updater.apply(values, rows, args)
+        return {}, []
+
+    def set(self, args: dict, arrays: list) -> tuple[dict, list]:
+        raise InvalidArgument("a KV table has no set operation")
+
+
+class KVTable(TableHandle):
+    """A hash table from int64 keys (any 64-bit value) to rows of `dim` values, shared by
+    all workers. `get(keys)` returns a (len(keys), dim) array in the keys' order, creating
+    missing keys with their initial row when insert_on_get; `add(keys, values)` adds
+    (repeated keys sum); `len(table)` counts stored keys."""
+
+    kind = "kv"
+
+    def __init__(self, dim: int = 1, dtype: str = "float32", *, key_dtype: str = "int64", name: Optional[str] = None,
+                 init: Any = "zeros", insert_on_get: bool = True, updater: str = "add",
+                 consistency: Optional[str] = None, staleness: Optional[int] = None, seed: Optional[int] = None,
+                 **updater_options: Any):
+        runtime = context.current()
+        if key_dtype not in KEY_DTYPES:
+            raise InvalidArgument(f"key_dtype {key_dtype!r} is not one of {', '.join(KEY_DTYPES)}")
+        if seed is not None and not isinstance(seed, (int, np.integer)):
+            raise InvalidArgument(f"seed must be an int, got {seed!r}")
+        if name is None:
+            name = f"kv{next(_unnamed.setdefault(runtime, itertools.count()))}"
+        spec = context.table_spec(self.kind, (dim,), dtype, updater, updater_options, consistency, staleness)
+        spec = dataclasses.replace(spec, table_options={
+            "init": check_init(init, np.dtype(spec.dtype)), "init_seed": table_seed(name, seed),
+            "insert_on_get": bool(insert_on_get), "key_dtype": key_dtype})
+        check_updater(spec.updater, spec.options)
+        self.dim = spec.shape[0]
+        super().__init__(runtime, name, spec)
+
+    def _setup(self, info: TableInfo) -> None:
+        self.num_partitions = int(info.layout["partitions"])
+
+    def _split(self, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(partition, positions into keys) of every partition that some key falls in."""
+        pid = partition_of(keys, self.num_partitions)
+        order = np.argsort(pid, kind="stable")
+        cuts = np.flatnonzero(np.diff(pid[order])) + 1
+        return [(int(pid[g[0]]), g) for g in np.split(order, cuts)] if len(keys) else []
+
+    def get_async(self, keys: Any) -> Future:
+        keys = as_keys(keys)
+        result = np.empty((len(keys), self.dim), dtype=self.dtype)
+        parts = [Part(p, arrays=[keys[pos]], positions=pos) for p, pos in self._split(keys)]
+        return self._submit("get", parts, _scatter_rows, result)
+
+    def get(self, keys: Any) -> np.ndarray:
+        """The rows of `keys`, in their order (repeats allowed)."""
+        return self._wait(self.get_async(keys))
+
+    def add_async(self, keys: Any, values: Any) -> Future:
+        keys = as_keys(keys)
+        values = as_array(values, self.dtype, "values")
+        if self.dim == 1 and values.shape == (len(keys),):
+            values = values.reshape(len(keys), 1)
+        if values.shape != (len(keys), self.dim):
+            raise InvalidArgument(f"values has shape {values.shape}, expected {(len(keys), self.dim)}")
+        return self._submit("add", [Part(p, arrays=[keys[pos], values[pos]]) for p, pos in self._split(keys)])
+
+    def add(self, keys: Any, values: Any) -> None:
+        self._wait(self.add_async(keys, values))
+
+    def len_async(self) -> Future:
+        parts = [Part(p, args={"op": "len"}) for p in range(self.num_partitions)]
+        return self._submit("get", parts, _count, [0])
+
+    def __len__(self) -> int:
+        return self._wait(self.len_async())[0]
+
+
+def _scatter_rows(part: Part, arrays: list, args: dict, out: np.ndarray) -> None:
+    out[part.positions] = arrays[0]
+
+
+def _count(part: Part, arrays: list, args: dict, total: list) -> None:
+    total[0] += int(args["count"])
