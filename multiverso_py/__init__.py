@@ -17,12 +17,13 @@ from multiverso_py.errors import (
 from multiverso_py.tables.array import ArrayTable
 from multiverso_py.tables.kv import KVTable
 from multiverso_py.tables.matrix import MatrixTable
+from multiverso_py.tables.sparse_matrix import SparseMatrixTable
 
 __version__ = "0.1.0"
 
 __all__ = [
     "init", "shutdown", "worker_id", "workers_num", "servers_num", "is_master_worker", "barrier", "clock", "Job",
-    "ArrayTable", "MatrixTable", "KVTable",
+    "ArrayTable", "MatrixTable", "SparseMatrixTable", "KVTable",
     "MultiversoError", "InvalidArgument", "IndexOutOfRange", "ConnectFailed", "ConnectionLost", "RequestTimeout",
     "TableSpecMismatch", "TableNotFound", "NotInitialized", "ProtocolError", "RemoteError",
 ]

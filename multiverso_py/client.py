@@ -16,12 +16,12 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from multiverso_py.acks import AddTracker
 from multiverso_py.batching import BATCH_BYTES, chunk_messages, merge_adds, part_bytes, split_large
 from multiverso_py.errors import ConnectionLost, MultiversoError, RequestTimeout, exception_for
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
@@ -104,9 +104,7 @@ class Client:
         self._req_ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._unnamed_tables = itertools.count()
-        self._adds: set[Future] = set()
-        self._waited: set[Future] = set()  # add futures a caller waits on: their failure is theirs
-        self._failed_adds: list[BaseException] = []
+        self._acks = AddTracker()
         self._open_batches: dict[int, _Batch] = {}  # table id -> small adds not yet taken by the loop
         self._batch_lock = threading.Lock()
         self.batched_adds = 0  # adds that went out in a batch, for tests and benchmarks
@@ -125,16 +123,8 @@ class Client:
             self.io.run(self._leave(), self.timeout + 5)
 
     def flush(self) -> None:
-        """Wait until every add issued so far is acknowledged; raise the first failure
-        of an add nobody waited on, so that no failed add goes unnoticed."""
-        pending = list(self._adds)
-        if pending:
-            _, not_done = wait_futures(pending, self.timeout)
-            if not_done:
-                raise RequestTimeout(f"{len(not_done)} add(s) not acknowledged within {self.timeout}s")
-        if self._failed_adds:
-            exc, self._failed_adds = self._failed_adds[0], []
-            raise exc
+        """Wait until every add issued so far is acknowledged (see AddTracker)."""
+        self._acks.flush(self.timeout)
 
     def barrier(self) -> None:
         self.flush()
@@ -183,27 +173,11 @@ class Client:
                 finish: Optional[Callable[[Any], Any]]) -> _Op:
         call = _Op(op, info, Future(), on_reply, result, finish)
         if op != "get":
-            self._adds.add(call.future)
-            call.future.add_done_callback(self._add_done)
+            self._acks.track(call.future)
         return call
 
     def wait(self, future: Future) -> Any:
-        """Wait for a table call on behalf of its caller, who then owns its failure."""
-        self._waited.add(future)
-        try:
-            return future.result()
-        except BaseException as exc:
-            if exc in self._failed_adds:  # recorded before we marked it as waited on
-                self._failed_adds.remove(exc)
-            raise
-        finally:
-            self._waited.discard(future)
-
-    def _add_done(self, future: Future) -> None:
-        self._adds.discard(future)
-        exc = future.exception()
-        if exc is not None and future not in self._waited:
-            self._failed_adds.append(exc)
+        return self._acks.wait(future)
 
     # ------------------------------------------------------------ on the loop
     async def _start(self, scheduler: tuple[str, int], rank: Optional[int]) -> None:

@@ -342,11 +342,11 @@ class RangeTableHandle(TableHandle):
         or a new array. Replies are received straight into the result wherever its
         layout allows; reusing `out` also spares the page faults of fresh memory."""
         if rows is None:
-            result = _result(out, shape or (self._num_rows, *self._row_shape), self.dtype)
+            result = result_array(out, shape or (self._num_rows, *self._row_shape), self.dtype)
             flat = result.reshape(self._num_rows, *self._row_shape)
             parts = [Part(p, dest=[_bytes_of(flat[lo:hi])]) for p, lo, hi in self._ranges.whole()]
             return self._submit("get", parts, None, result)
-        result = _result(out, (len(rows), *self._row_shape), self.dtype)
+        result = result_array(out, (len(rows), *self._row_shape), self.dtype)
         groups = self._ranges.split(rows)
         if len(groups) == 1:
             return self._submit("get", [Part(groups[0][0], arrays=[rows], dest=[_bytes_of(result)])], None, result)
@@ -362,7 +362,7 @@ class RangeTableHandle(TableHandle):
         return self._submit(op, parts)
 
 
-def _result(out: Optional[np.ndarray], shape: tuple, dtype: np.dtype) -> np.ndarray:
+def result_array(out: Optional[np.ndarray], shape: tuple, dtype: np.dtype) -> np.ndarray:
     """A new result array, or the caller's `out` once it is known to fit exactly."""
     if out is None:
         return np.empty(shape, dtype)

@@ -1,0 +1,125 @@
+"""SparseMatrixTable (Multiverso's sparse matrix): a MatrixTable whose gets move only the
+rows that changed since this worker last fetched them, and whose adds ship only
+non-zero rows. The worker keeps a cache of the whole matrix; the server keeps, per row,
+a stamp of its last change and, per worker, the stamp each row had when last sent."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Optional
+
+import numpy as np
+
+from multiverso_py.errors import InvalidArgument
+from multiverso_py.tables import matrix
+from multiverso_py.tables.base import DenseRowShard, Part, TableSpec, as_array, check_shape, result_array
+from multiverso_py.tables.matrix import MatrixTable
+
+layout = matrix.layout  # the same row ranges as MatrixTable
+
+
+def make_shard(spec: TableSpec, layout: dict, pid: int) -> "SparseRowShard":
+    lo, hi = layout["bounds"][pid], layout["bounds"][pid + 1]
+    return SparseRowShard(spec, (spec.shape[1],), lo, hi)
+
+
+class SparseRowShard(DenseRowShard):
+    """Dense rows plus change tracking. A get carries args {"w": worker id} and
+    optionally {"all": True} (send every row asked for: the worker's cache is empty);
+    it replies [row ids, rows] for the rows that worker has not seen since they changed."""
+
+    def __init__(self, spec: TableSpec, row_shape: tuple, lo: int, hi: int):
+        super().__init__(spec, row_shape, lo, hi)
+        self.stamp = np.zeros(hi - lo, np.int64)  # when each row last changed
+        self._clock = 0
+        self._sent: dict[int, np.ndarray] = {}  # worker -> stamp of each row when last sent (-1: never)
+
+    def get(self, args: dict, arrays: list) -> tuple[dict, list]:
+        worker = args.get("w")
+        if type(worker) is not int or worker < 0:
+            raise InvalidArgument("a sparse get names its worker: args {'w': id}")
+        if len(arrays) > 1:
+            raise InvalidArgument(f"a get carries at most row ids, got {len(arrays)} arrays")
+        sent = self._sent.get(worker)
+        if sent is None:
+            sent = self._sent[worker] = np.full(len(self.stamp), -1, np.int64)
+        if arrays:
+            rows = self._local_rows(arrays[0])
+            changed = rows if args.get("all") else rows[self.stamp[rows] > sent[rows]]
+        else:
+            changed = np.arange(len(self.stamp)) if args.get("all") else np.flatnonzero(self.stamp > sent)
+        sent[changed] = self.stamp[changed]
+        return {}, [changed + self.lo, self.data[changed]]
+
+    def add(self, args: dict, arrays: list) -> tuple[dict, list]:
+        result = super().add(args, arrays)
+        self._touch(arrays)
+        return result
+
+    def set(self, args: dict, arrays: list) -> tuple[dict, list]:
+        result = super().set(args, arrays)
+        self._touch(arrays)
+        return result
+
+    def _touch(self, arrays: list) -> None:
+        self._clock += 1
+        if len(arrays) == 2:
+            self.stamp[arrays[0] - self.lo] = self._clock
+        else:
+            self.stamp[:] = self._clock
+
+
+class SparseMatrixTable(MatrixTable):
+    """Same API as MatrixTable: `get(row_ids=None, *, out=None)`, `add(delta, row_ids=None)`.
+    A get transfers only rows changed since this worker's last get of them; an add ships
+    only non-zero rows. `stats()` shows what moved."""
+
+    kind = "sparse_matrix"
+
+    def _setup(self, info) -> None:
+        super()._setup(info)
+        self._cache = np.zeros(info.spec.shape, np.dtype(info.spec.dtype))
+        self._cold = True  # the next get asks for every row: nothing is cached yet, or a get failed
+
+    def get_async(self, row_ids: Any = None, *, out: Optional[np.ndarray] = None) -> Future:
+        rows = self._rows(row_ids)
+        shape = self.shape if rows is None else (len(rows), self.num_cols)
+        result = result_array(out, shape, self.dtype)
+        args = {"w": self._runtime.worker_id, "all": True} if self._cold else {"w": self._runtime.worker_id}
+        self._cold = False
+        if rows is None:
+            parts = [Part(p, args) for p, _, _ in self._ranges.whole()]
+        else:
+            unique = np.unique(rows)
+            parts = [Part(p, args, [unique[pos]]) for p, pos in self._ranges.split(unique)]
+        future = self._submit("get", parts, self._merge_rows, result,
+                              finish=lambda res: _copy_rows(self._cache, rows, res))
+        future.add_done_callback(self._on_get_done)
+        return future
+
+    def _merge_rows(self, part: Part, arrays: list, args: dict, result: Any) -> None:
+        """On the I/O thread: changed rows go into the cache."""
+        ids, values = arrays
+        self._cache[ids] = values
+        self._info.stats.rows_received += len(ids)
+
+    def _on_get_done(self, future: Future) -> None:
+        if future.exception() is not None:
+            self._cold = True  # the server may think we have rows that never arrived
+
+    def add_async(self, delta: Any, row_ids: Any = None) -> Future:
+        rows = self._rows(row_ids)
+        expected = self.shape if rows is None else (len(rows), self.num_cols)
+        values = check_shape(as_array(delta, self.dtype, "delta"), expected, "delta")
+        nonzero = np.flatnonzero(values.any(axis=1))
+        rows = nonzero if rows is None else rows[nonzero]
+        self._info.stats.rows_sent += len(rows)
+        return self._write_rows("add", values[nonzero], rows)
+
+
+def _copy_rows(cache: np.ndarray, rows: Optional[np.ndarray], out: np.ndarray) -> np.ndarray:
+    if rows is None:
+        np.copyto(out, cache)
+    else:
+        np.take(cache, rows, axis=0, out=out)
+    return out
