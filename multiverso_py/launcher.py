@@ -63,12 +63,7 @@ class Children:
         live = [c for c in children if c.proc.poll() is None]
         for child in live:
             _signal_group(child.proc, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for child in live:
-            try:
-                child.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop on SIGTERM; killing it", child.name)
+        _wait_all(live, STOP_GRACE, "%s did not stop on SIGTERM; killing it")
         for child in children:
             _signal_group(child.proc, signal.SIGKILL)  # also whatever a child left in its group
             child.proc.wait()
@@ -173,12 +168,17 @@ def _wait_workers(procs: list[_Child]) -> int:
 
 def _wait_job_end(nodes: list[_Child]) -> None:
     """The scheduler ends the job once all workers left; give it and the servers time to exit."""
-    deadline = time.monotonic() + JOB_END_GRACE
-    for child in nodes:
+    _wait_all(nodes, JOB_END_GRACE, "%s still running after the job ended; stopping it")
+
+
+def _wait_all(children: Sequence[_Child], grace: float, warning: str) -> None:
+    """Wait up to `grace` seconds in all for the children to exit; warn about each that did not."""
+    deadline = time.monotonic() + grace
+    for child in children:
         try:
             child.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("%s still running after the job ended; stopping it", child.name)
+            log.warning(warning, child.name)
 
 
 def _raise_exit(signum: int, frame) -> None:
