@@ -135,9 +135,12 @@ class Client:
         return self.io.run(self._ask_scheduler(msg_type, body, what))
 
     # ------------------------------------------------------------ Runtime interface
-    def create_table(self, name: Optional[str], spec: TableSpec) -> tuple[TableInfo, bool]:
-        if name is None:
-            name = f"table{next(self._unnamed_tables)}"
+    def table_name(self, name: Optional[str]) -> str:
+        """A table's name: its own, or by creation order, so workers creating tables in the
+        same order agree."""
+        return f"table{next(self._unnamed_tables)}" if name is None else name
+
+    def create_table(self, name: str, spec: TableSpec) -> tuple[TableInfo, bool]:
         data = self.control(MsgType.CREATE_TABLE, {"name": name, "spec": spec.to_wire()}, f"creating table {name!r}")
         info = TableInfo(data["table"], data["name"], spec, data["layout"], data["owners"], data["map"])
         return info, data["init"]

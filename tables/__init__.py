@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from multiverso_py.tables import array, kv, matrix
+from multiverso_py.tables import array, kv, matrix, sparse_matrix
 from multiverso_py.tables.base import TableSpec
 
 TABLE_TYPES: dict[str, ModuleType] = {
     "array": array,
     "matrix": matrix,
+    "sparse_matrix": sparse_matrix,
     "kv": kv,
 }
 

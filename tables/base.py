@@ -109,7 +109,9 @@ class Runtime(Protocol):
     worker_id: int
     timeout: float
 
-    def create_table(self, name: Optional[str], spec: TableSpec) -> tuple[TableInfo, bool]: ...
+    def table_name(self, name: Optional[str]) -> str: ...
+
+    def create_table(self, name: str, spec: TableSpec) -> tuple[TableInfo, bool]: ...
 
     def table_ready(self, info: TableInfo) -> None: ...
 
@@ -122,16 +124,20 @@ class Runtime(Protocol):
 # ---------------------------------------------------------------- input validation
 
 
-def as_array(value: Any, dtype: np.dtype, what: str) -> np.ndarray:
-    """A numpy view of a list, array or (CPU or CUDA) tensor, cast to the table's dtype
-    only where that loses no kind of information (float64 -> float32 is fine, float ->
-    int is not)."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+def numpy_of(value: Any, what: str) -> np.ndarray:
+    """A numpy view of a list, an array or a (CPU or CUDA) tensor, without importing torch."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
         value = value.detach().cpu().numpy()
     try:
-        array = np.asarray(value)
+        return np.asarray(value)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"{what} is not array-like: {exc}") from None
+
+
+def as_array(value: Any, dtype: np.dtype, what: str) -> np.ndarray:
+    """numpy_of(value), cast to the table's dtype only where that loses no kind of
+    information (float64 -> float32 is fine, float -> int is not)."""
+    array = numpy_of(value, what)
     if array.dtype != dtype:
         if not np.can_cast(array.dtype, dtype, casting="same_kind"):
             raise InvalidArgument(f"{what} has dtype {array.dtype}, which cannot be cast safely to the table's {dtype}")
@@ -141,9 +147,7 @@ def as_array(value: Any, dtype: np.dtype, what: str) -> np.ndarray:
 
 def as_index(value: Any, size: int, what: str) -> np.ndarray:
     """Validated int64 indices in [0, size)."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu().numpy()
-    index = np.asarray(value)
+    index = numpy_of(value, what)
     if index.ndim == 0:
         index = index.reshape(1)
     if index.ndim != 1:
@@ -191,13 +195,18 @@ class RangeRows:
 
     def split(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(partition, positions into rows) for each partition that some row falls in."""
-        pid = np.searchsorted(self.bounds, rows, side="right") - 1
         if self.count == 1:
             return [(0, np.arange(len(rows)))] if len(rows) else []
-        order = np.argsort(pid, kind="stable")
-        sorted_pid = pid[order]
-        cuts = np.flatnonzero(np.diff(sorted_pid)) + 1
-        return [(int(pid[g[0]]), g) for g in np.split(order, cuts) if len(g)] if len(rows) else []
+        return group_by_partition(np.searchsorted(self.bounds, rows, side="right") - 1)
+
+
+def group_by_partition(pid: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(partition, positions) for each partition named in pid, positions in their order."""
+    if not len(pid):
+        return []
+    order = np.argsort(pid, kind="stable")
+    cuts = np.flatnonzero(np.diff(pid[order])) + 1
+    return [(int(pid[g[0]]), g) for g in np.split(order, cuts)]
 
 
 class DenseRowShard:
@@ -257,7 +266,7 @@ class TableHandle:
 
     def __init__(self, runtime: Runtime, name: Optional[str], spec: TableSpec):
         self._runtime = runtime
-        self._info, must_init = runtime.create_table(name, spec)
+        self._info, must_init = runtime.create_table(runtime.table_name(name), spec)
         self.name = self._info.name
         self.dtype = np.dtype(spec.dtype)
         self._setup(self._info)

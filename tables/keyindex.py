@@ -16,6 +16,7 @@ _M2 = np.uint64(0x94D049BB133111EB)
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MASK64 = (1 << 64) - 1
 EMPTY = -1  # row of an empty slot: keys use all 64 bits, so emptiness lives in the rows
+WINDOW = 8  # slots a probe round examines per key after the first
 
 
 def mix64(keys: np.ndarray) -> np.ndarray:
@@ -66,27 +67,31 @@ class KeyIndex:
         repeat."""
         keys = np.asarray(keys, dtype=np.uint64)
         rows = np.full(len(keys), EMPTY, dtype=np.int64)
-        mask = np.uint64(self.capacity - 1)
-        slot = (mix64(keys) & mask).astype(np.intp)
+        mask = self.capacity - 1
+        start = (mix64(keys) & np.uint64(mask)).astype(np.intp)
         todo = np.arange(len(keys))
+        width = 1  # most keys sit in their home slot; the rest scan WINDOW slots a round
         while len(todo):
-            self.rounds += 1
-            self.probes += len(todo)
-            found_rows = self._rows[slot]
-            hit = self._keys[slot] == keys[todo]
-            occupied = found_rows != EMPTY
-            done = hit & occupied
-            rows[todo[done]] = found_rows[done]
-            more = occupied & ~hit  # an empty slot ends a key's probe sequence: absent
-            todo, slot = todo[more], (slot[more] + 1) & int(mask)
+            slots = self._window(start, width)
+            found_rows = self._rows[slots]
+            hit = (self._keys[slots] == keys[todo, None]) & (found_rows != EMPTY)
+            # A key ends at its first hit or empty slot (absent); an empty slot cannot
+            # come before the hit, as keys are never deleted.
+            has_hit = hit.any(axis=1)
+            rows[todo[has_hit]] = found_rows[has_hit, hit[has_hit].argmax(axis=1)]
+            more = ~has_hit & (found_rows != EMPTY).all(axis=1)
+            todo, start = todo[more], (start[more] + width) & mask
+            width = WINDOW
         return rows
 
     def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Add distinct keys, none of them present yet, mapped to the given rows."""
+        """Add distinct keys, none of them present yet, mapped to the given rows (>= 0)."""
         keys = np.asarray(keys, dtype=np.uint64)
         rows = np.asarray(rows, dtype=np.int64)
         if keys.shape != rows.shape or keys.ndim != 1:
             raise ValueError(f"keys {keys.shape} and rows {rows.shape} must be 1-D of one length")
+        if rows.size and rows.min() < 0:
+            raise ValueError("rows must be >= 0: negative rows mark empty slots")
         needed = 2 * (self._size + len(keys))
         if needed > self.capacity:
             self._rehash(needed)
@@ -108,23 +113,35 @@ class KeyIndex:
         self._place(keys, rows)
         self.rehashes += 1
 
+    def _window(self, start: np.ndarray, width: int) -> np.ndarray:
+        """Slots start .. start+width-1 (wrapping) of every key: a (len(start), width) array."""
+        self.rounds += 1
+        self.probes += len(start) * width
+        return (start[:, None] + np.arange(width)) & (self.capacity - 1)
+
     def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Write new keys into free slots. Each round, every pending key looks at its
-        candidate slot; of the keys that find the same free slot, one (the first) takes
-        it, and everyone else moves on to the next slot, exactly as if they had been
-        inserted one by one in some order."""
+        """Write new keys into free slots. Each round, every pending key claims the first
+        free slot in its window; of the keys that claim the same slot one takes it and
+        the others go on after it, exactly as if they had been inserted one by one in
+        some order."""
         mask = self.capacity - 1
-        slot = (mix64(keys) & np.uint64(mask)).astype(np.intp)
+        start = (mix64(keys) & np.uint64(mask)).astype(np.intp)
         todo = np.arange(len(keys))
+        width = 1
         while len(todo):
-            self.rounds += 1
-            self.probes += len(todo)
-            free = self._rows[slot] == EMPTY
-            free_at = np.flatnonzero(free)
-            _, first = np.unique(slot[free_at], return_index=True)
-            won = free_at[first]
-            self._keys[slot[won]] = keys[todo[won]]
-            self._rows[slot[won]] = rows[todo[won]]
-            lost = np.ones(len(todo), dtype=bool)
-            lost[won] = False
-            todo, slot = todo[lost], (slot[lost] + 1) & mask
+            free = self._rows[self._window(start, width)] == EMPTY
+            has_free = free.any(axis=1)
+            claim = (start + free.argmax(axis=1)) & mask
+            claimers = np.flatnonzero(has_free)
+            # Each claimed slot keeps one of the markers written to it: that claimer wins.
+            marker = -2 - claimers
+            self._rows[claim[claimers]] = marker
+            won = claimers[self._rows[claim[claimers]] == marker]
+            self._keys[claim[won]] = keys[todo[won]]
+            self._rows[claim[won]] = rows[todo[won]]
+            pending = np.ones(len(todo), dtype=bool)
+            pending[won] = False
+            # A loser's claimed slot is taken now: it goes on from the next one.
+            start = np.where(has_free, claim + 1, start + width) & mask
+            todo, start = todo[pending], start[pending]
+            width = WINDOW

@@ -4,11 +4,13 @@ Keys are carried as uint64 bit patterns, so -1 and 2**64-1 name the same key. A 
 partition is taken from the high 32 bits of its splitmix64 mix and its slot in a shard's
 KeyIndex from the low bits, so the two choices do not correlate.
 
-A table has PARTITIONS_PER_SERVER partitions per server, fixed at creation: each server
-then runs a batch's parts on several pool threads at once (a partition's operations are
-serial), a growing shard copies only its own rows when it doubles, and a later rebalance
-could move load in eighths of a server. The price, one part per partition touched, is a
-few bytes of header each.
+A table has PARTITIONS_PER_SERVER partitions per server, fixed at creation. More than one,
+so that the scheduler's map can move part of a server's keys without rehashing them and a
+growing shard doubles (copies) only its share of the rows. Few, because every partition
+that a batch touches costs a part with a fixed price (a pool job, a dozen numpy calls per
+probe round, a scatter on the worker) while the GIL gives a server no parallelism across
+its partitions: embedded, 4096-key batches, get-with-insert ran at 1.4M / 1.1M / 0.95M /
+0.6M keys/s with 1 / 2 / 4 / 8 partitions per server (2 cores; 16 cores look the same).
 
 Missing keys take an initial row computed on the server from a hash of (table seed, key,
 column): the same key gets the same row whatever the number of servers, and no worker
@@ -18,8 +20,6 @@ has to write initial content.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import weakref
 import zlib
 from concurrent.futures import Future
 from typing import Any, Optional, Sequence
@@ -28,18 +28,17 @@ import numpy as np
 
 from multiverso_py import context
 from multiverso_py.errors import InvalidArgument
-from multiverso_py.tables.base import Part, TableHandle, TableInfo, TableSpec, as_array
+from multiverso_py.tables.base import (
+    Part, TableHandle, TableInfo, TableSpec, as_array, group_by_partition, numpy_of,
+)
 from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64_int
 from multiverso_py.updaters import Updater, check_updater, make_updater
 
-PARTITIONS_PER_SERVER = 8
+PARTITIONS_PER_SERVER = 2
 KEY_DTYPES = ("int64", "uint64")
 INITIAL_ROWS = 64
 _UNIT = 2.0 ** -53
 
-# Unnamed KV tables get their name here, not from the runtime, because the initializer's
-# seed derives from the name and must be in the spec before the table is created.
-_unnamed: "weakref.WeakKeyDictionary[Any, itertools.count]" = weakref.WeakKeyDictionary()
 
 
 def layout(spec: TableSpec, num_servers: int) -> dict:
@@ -58,12 +57,7 @@ def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
 def as_keys(value: Any) -> np.ndarray:
     """Keys as a 1-D uint64 array of bit patterns, from a list, an integer array of any
     dtype or a torch tensor; negative keys wrap to their two's complement."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
-        value = value.detach().cpu().numpy()
-    try:
-        keys = np.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"keys are not array-like: {exc}") from None
+    keys = numpy_of(value, "keys")
     if keys.ndim != 1:
         raise InvalidArgument(f"keys must be one-dimensional, got shape {keys.shape}")
     if keys.dtype.kind in "fO" and isinstance(value, (list, tuple)) and _all_ints(value):
@@ -158,7 +152,8 @@ class KVShard:
         return keys
 
     def _insert_missing(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Give the keys whose row is -1 new rows with their initial content; return all rows."""
+        """Give the keys whose row is -1 new rows with their initial content; fills them
+        into rows and returns it."""
         missing = rows < 0
         if not missing.any():
             return rows
@@ -175,18 +170,20 @@ class KVShard:
         self.index.insert(new_keys, np.arange(start, end))
         self.data[start:end] = initial_rows(self.init, self.seed, new_keys, self.dim, self.dtype)
         self.size = end
-        rows = rows.copy()
         rows[missing] = start + inverse.reshape(-1)
         return rows
 
     def get(self, args: dict, arrays: list) -> tuple[dict, list]:
         """The rows of arrays[0]'s keys (a copy), or with args {"op": "len"} the key count."""
-        if args.get("op") == "len":
+        if "op" in args:
+            if args["op"] != "len":
+                raise InvalidArgument(f"a KV get has no op {args['op']!r:.40}")
             return {"count": self.size}, []
         keys = self._keys(arrays, 1, "get")
         rows = self.index.lookup(keys)
         if self.insert_on_get:
-            return {}, [self.data[self._insert_missing(keys, rows)]]
+            rows = self._insert_missing(keys, rows)  # may grow (replace) self.data
+            return {}, [self.data[rows]]
         found = rows >= 0
         out = np.empty((len(keys), self.dim), dtype=self.dtype)
         out[found] = self.data[rows[found]]
@@ -212,7 +209,11 @@ class KVTable(TableHandle):
     """A hash table from int64 keys (any 64-bit value) to rows of `dim` values, shared by
     all workers. `get(keys)` returns a (len(keys), dim) array in the keys' order, creating
     missing keys with their initial row when insert_on_get; `add(keys, values)` adds
-    (repeated keys sum); `len(table)` counts stored keys."""
+    (repeated keys sum); `len(table)` counts stored keys.
+
+    key_dtype ("int64" or "uint64") is how the caller thinks of keys; either way a key is
+    its 64-bit pattern. init= is "zeros", ("uniform", low, high) or ("normal", std), drawn
+    per (table name, seed=, key, column), so reproducible in any job of any size."""
 
     kind = "kv"
 
@@ -225,13 +226,13 @@ class KVTable(TableHandle):
             raise InvalidArgument(f"key_dtype {key_dtype!r} is not one of {', '.join(KEY_DTYPES)}")
         if seed is not None and not isinstance(seed, (int, np.integer)):
             raise InvalidArgument(f"seed must be an int, got {seed!r}")
-        if name is None:
-            name = f"kv{next(_unnamed.setdefault(runtime, itertools.count()))}"
         spec = context.table_spec(self.kind, (dim,), dtype, updater, updater_options, consistency, staleness)
-        spec = dataclasses.replace(spec, table_options={
-            "init": check_init(init, np.dtype(spec.dtype)), "init_seed": table_seed(name, seed),
-            "insert_on_get": bool(insert_on_get), "key_dtype": key_dtype})
+        init_option = check_init(init, np.dtype(spec.dtype))
         check_updater(spec.updater, spec.options)
+        name = runtime.table_name(name)  # now, not sooner: the seed needs it; invalid arguments raised above
+        spec = dataclasses.replace(spec, table_options={
+            "init": init_option, "init_seed": table_seed(name, seed),
+            "insert_on_get": bool(insert_on_get), "key_dtype": key_dtype})
         self.dim = spec.shape[0]
         super().__init__(runtime, name, spec)
 
@@ -240,10 +241,7 @@ class KVTable(TableHandle):
 
     def _split(self, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(partition, positions into keys) of every partition that some key falls in."""
-        pid = partition_of(keys, self.num_partitions)
-        order = np.argsort(pid, kind="stable")
-        cuts = np.flatnonzero(np.diff(pid[order])) + 1
-        return [(int(pid[g[0]]), g) for g in np.split(order, cuts)] if len(keys) else []
+        return group_by_partition(partition_of(keys, self.num_partitions))
 
     def get_async(self, keys: Any) -> Future:
         keys = as_keys(keys)
@@ -261,7 +259,8 @@ class KVTable(TableHandle):
         if self.dim == 1 and values.shape == (len(keys),):
             values = values.reshape(len(keys), 1)
         if values.shape != (len(keys), self.dim):
-            raise InvalidArgument(f"values has shape {values.shape}, expected {(len(keys), self.dim)}")
+            expected = f"{(len(keys), self.dim)}" + (f" or {(len(keys),)}" if self.dim == 1 else "")
+            raise InvalidArgument(f"values has shape {values.shape}, expected {expected}")
         return self._submit("add", [Part(p, arrays=[keys[pos], values[pos]]) for p, pos in self._split(keys)])
 
     def add(self, keys: Any, values: Any) -> None:
