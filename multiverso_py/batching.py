@@ -18,24 +18,31 @@ BATCH_BYTES = 64 << 10  # an add smaller than this may wait one loop turn to sha
 
 
 def part_bytes(part: Part) -> int:
-    return sum(a.nbytes for a in part.arrays) + sum(d.nbytes for d in part.dest or ())
+    """What a part moves: its request arrays and its reply (by dest, or its estimate)."""
+    return sum(a.nbytes for a in part.arrays) + sum(d.nbytes for d in part.dest or ()) + part.reply_bytes
 
 
 def split_large(parts: Iterable[Part], target: int = MESSAGE_TARGET_BYTES) -> list[Part]:
     """Cut parts that carry an index (rows or keys) into pieces of about `target` bytes,
-    so that one huge request cannot monopolise a connection. Whole-partition parts are
-    bounded already: partitions are sized to about `target`."""
+    request and reply counted, so that one huge request or reply cannot monopolise a
+    connection. Arrays, destinations and reply estimates are cut in step with the index.
+    Whole-partition parts are bounded already: partitions are sized to about `target`."""
     out: list[Part] = []
     for part in parts:
         nbytes = part_bytes(part)
-        if nbytes <= target or part.dest is not None or not part.arrays or part.arrays[0].ndim != 1:
+        if nbytes <= target or not part.arrays or part.arrays[0].ndim != 1:
             out.append(part)
             continue
         count = len(part.arrays[0])
         step = max(1, count * target // nbytes)
         for lo in range(0, count, step):
-            positions = None if part.positions is None else part.positions[lo:lo + step]
-            out.append(Part(part.pid, part.args, [a[lo:lo + step] for a in part.arrays], None, positions))
+            hi = min(count, lo + step)
+            out.append(Part(
+                part.pid, part.args, [a[lo:hi] for a in part.arrays],
+                None if part.dest is None else [d[lo * (d.nbytes // count):hi * (d.nbytes // count)] for d in part.dest],
+                None if part.positions is None else part.positions[lo:hi],
+                part.reply_bytes * (hi - lo) // count,
+            ))
     return out
 
 

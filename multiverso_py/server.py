@@ -1,9 +1,10 @@
 """The server: holds table partitions and applies get/add/set on them.
 
 The event loop only reads, validates and routes frames; table work runs on a thread pool.
-Each partition has a serial queue, so operations on one partition run in arrival order
-while different partitions run in parallel. A shard remembers the last sequence number
-it applied per client, so a retried add is applied once.
+A request runs as one job once it has its turn on every partition it touches, so
+operations on one partition run in arrival order while requests on different partitions
+run in parallel. A partition remembers the last sequence number it applied per client,
+so a retried add is applied once.
 """
 
 from __future__ import annotations
@@ -36,57 +37,46 @@ class ServerConfig:
     limits: Limits = DEFAULT_LIMITS
 
 
-class PartitionQueue:
-    """Runs jobs for one partition one at a time, in submission order, on a shared pool.
-    A job that returns True holds the queue closed until release() (a get whose reply
-    still reads the partition's memory)."""
+class Turns:
+    """Gives each job its turn on every partition it touches, in arrival order: a job runs
+    once it is first in line on all of them and leaves every line when done. Jobs join
+    their lines whole, on the event loop, so all lines agree on one order and no two
+    jobs can wait for each other. Jobs on disjoint partitions run in parallel."""
 
     def __init__(self, pool: ThreadPoolExecutor):
         self._pool = pool
-        self._jobs: deque[Callable[[], bool]] = deque()
         self._lock = threading.Lock()
-        self._running = False
 
-    def submit(self, job: Callable[[], bool]) -> None:
+    def arrive(self, job: "_Job") -> None:
         with self._lock:
-            self._jobs.append(job)
-            if self._running:
-                return
-            self._running = True
-        self._pool.submit(self._drain)
+            job.waiting = len(job.partitions)
+            for partition in job.partitions:
+                partition.line.append(job)
+                if len(partition.line) == 1:
+                    job.waiting -= 1
+            ready = job.waiting == 0
+        if ready:
+            self._pool.submit(job.run)
 
-    def release(self) -> None:
+    def leave(self, job: "_Job") -> None:
+        ready = []
         with self._lock:
-            if not self._jobs:
-                self._running = False
-                return
-        self._pool.submit(self._drain)
-
-    def _drain(self) -> None:
-        while True:
-            with self._lock:
-                if not self._jobs:
-                    self._running = False
-                    return
-                job = self._jobs.popleft()
-            if job():
-                return
+            for partition in job.partitions:
+                partition.line.popleft()
+                if partition.line:
+                    successor = partition.line[0]
+                    successor.waiting -= 1
+                    if successor.waiting == 0:
+                        ready.append(successor)
+        for successor in ready:
+            self._pool.submit(successor.run)
 
 
 @dataclass
 class Partition:
     shard: Any
-    queue: PartitionQueue
+    line: deque = field(default_factory=deque)  # jobs waiting for their turn here, the running one first
     applied: dict[int, int] = field(default_factory=dict)  # client id -> last applied seq
-
-    def run(self, op: MsgType, client: int, seq: int, args: dict, arrays: list) -> tuple[dict, list]:
-        if op is MsgType.GET:
-            return self.shard.get(args, arrays)
-        if seq <= self.applied.get(client, -1):
-            return {}, []  # a retry of an add this partition already applied
-        result = (self.shard.add if op is MsgType.ADD else self.shard.set)(args, arrays)
-        self.applied[client] = seq
-        return result
 
 
 @dataclass
@@ -97,42 +87,52 @@ class Table:
 
 
 class _Job:
-    """One table request: its parts run on partition queues; the last one replies.
+    """One table request, run on the pool once it has its turn on all its partitions.
 
-    A get replies with views of the partitions, not copies: each part holds its
-    partition's queue closed until the reply has been handed to the kernel, so no add
-    changes the data while it is on its way out."""
+    Its parts run in message order. An add or set already applied to a partition (same
+    client, sequence number not newer) is skipped there: a retry applies once. A get
+    replies with views of the partitions, not copies, and keeps its turn until the
+    reply has been handed to the kernel, so no add changes the data on its way out."""
 
-    def __init__(self, server: "Server", conn: Connection, frame: Frame, count: int):
+    def __init__(self, server: "Server", conn: Connection, frame: Frame, parts: list, partitions: list[Partition]):
         self.server, self.conn, self.frame = server, conn, frame
-        self.results: list[Any] = [None] * count
+        self.parts = parts  # (pid, partition, args, arrays)
+        self.partitions = partitions  # each once
+        self.waiting = 0
+        self.results: list[Any] = []
         self.error: Optional[BaseException] = None
-        self.held: list[PartitionQueue] = []
-        self._left = count
-        self._lock = threading.Lock()
 
-    def run_part(self, index: int, pid: int, partition: Partition, args: dict, arrays: list) -> bool:
-        """Runs on a pool thread; True keeps the partition's queue closed (see reply)."""
-        body = self.frame.body
-        hold = self.frame.type is MsgType.GET
+    def run(self) -> None:
+        op, body = self.frame.type, self.frame.body
+        client, seq = body["client"], body["seq"]
+        fresh = {id(p) for p in self.partitions if op is MsgType.GET or seq > p.applied.get(client, -1)}
         try:
-            args_out, arrays_out = partition.run(self.frame.type, body["client"], body["seq"], args, arrays)
-            self.results[index] = (pid, args_out, arrays_out)
+            for pid, partition, args, arrays in self.parts:
+                if id(partition) not in fresh:
+                    self.results.append((pid, {}, []))
+                elif op is MsgType.GET:
+                    self.results.append((pid, *partition.shard.get(args, arrays)))
+                else:
+                    apply = partition.shard.add if op is MsgType.ADD else partition.shard.set
+                    self.results.append((pid, *apply(args, arrays)))
         except Exception as exc:  # reported to the caller as an ERROR reply
-            if isinstance(exc, (MultiversoError, ValueError, IndexError)):
-                log.warning("bad %s on table %s partition %s from %s: %s", self.frame.type.name, body["table"], pid,
-                            self.conn.peer, exc)
-            else:
-                log.exception("%s on table %s partition %s failed", self.frame.type.name, body["table"], pid)
+            self._log_failure(exc, pid)
             self.error = exc
-        with self._lock:
-            if hold:
-                self.held.append(partition.queue)
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self.server.loop.call_soon_threadsafe(self.reply)
-        return hold
+        # Queue the reply before giving up the turn: a later request on these partitions
+        # must not be answered before this one.
+        self.server.loop.call_soon_threadsafe(self.reply)
+        if op is not MsgType.GET:
+            for partition in self.partitions:
+                if id(partition) in fresh:
+                    partition.applied[client] = seq
+            self.server.turns.leave(self)
+
+    def _log_failure(self, exc: Exception, pid: int) -> None:
+        what = f"{self.frame.type.name} on table {self.frame.body['table']} partition {pid}"
+        if isinstance(exc, (MultiversoError, ValueError, IndexError)):
+            log.warning("bad %s from %s: %s", what, self.conn.peer, exc)
+        else:
+            log.exception("%s failed", what)
 
     def reply(self) -> None:
         if self.error is not None:
@@ -140,12 +140,8 @@ class _Job:
         else:
             parts, buffers = pack_parts(self.results)
             self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts}, buffers)
-        if self.held:
-            self.server.after_flush(self.conn, self._release)
-
-    def _release(self) -> None:
-        for queue in self.held:
-            queue.release()
+        if self.frame.type is MsgType.GET:
+            self.server.after_flush(self.conn, lambda: self.server.turns.leave(self))
 
 
 class Server:
@@ -159,6 +155,7 @@ class Server:
         self.loop: asyncio.AbstractEventLoop
         self.address = ""
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="mv-server")
+        self.turns = Turns(self._pool)
         self._listener: Optional[asyncio.base_events.Server] = None
         self._scheduler: Optional[Connection] = None
         self._connections: set[Connection] = set()
@@ -216,10 +213,9 @@ class Server:
         if any(pid not in table.partitions for pid, _, _ in parts):
             conn.send(MsgType.MOVED, frame.req_id, {"map": table.map_version})
             return
-        job = _Job(self, conn, frame, len(parts))
-        for index, (pid, args, arrays) in enumerate(parts):
-            partition = table.partitions[pid]
-            partition.queue.submit(lambda i=index, p=pid, part=partition, a=args, arr=arrays: job.run_part(i, p, part, a, arr))
+        job_parts = [(pid, table.partitions[pid], args, arrays) for pid, args, arrays in parts]
+        partitions = list({id(p): p for _, p, _, _ in job_parts}.values())
+        self.turns.arrive(_Job(self, conn, frame, job_parts, partitions))
 
     def after_flush(self, conn: Connection, callback: Callable[[], None]) -> None:
         """Run callback once conn has sent its replies; drop a reader that stalls."""
@@ -271,8 +267,7 @@ class Server:
 
     def _create_shards(self, body: dict) -> None:
         spec = TableSpec.from_wire(body["spec"])
-        shards = {pid: Partition(tables.make_shard(spec, body["layout"], pid), PartitionQueue(self._pool))
-                  for pid in body["partitions"]}
+        shards = {pid: Partition(tables.make_shard(spec, body["layout"], pid)) for pid in body["partitions"]}
         self.tables[body["table"]] = Table(spec, body["map"], shards)
         log.info("server %s holds partitions %s of table %s", self.server_id, body["partitions"], body["table"])
 

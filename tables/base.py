@@ -73,6 +73,7 @@ class Part:
     arrays: list = field(default_factory=list)
     dest: Optional[list] = None  # memoryviews the reply's arrays are received into
     positions: Any = None  # worker-side bookkeeping: where this part's rows belong
+    reply_bytes: int = 0  # about how big the reply is, where no dest says so (to bound messages)
 
 
 # Merges one part's reply arrays into the request's result (not needed for parts with dest).
@@ -359,7 +360,8 @@ class RangeTableHandle(TableHandle):
         groups = self._ranges.split(rows)
         if len(groups) == 1:
             return self._submit("get", [Part(groups[0][0], arrays=[rows], dest=[_bytes_of(result)])], None, result)
-        parts = [Part(p, arrays=[rows[pos]], positions=pos) for p, pos in groups]
+        row_bytes = result.nbytes // max(1, len(rows))
+        parts = [Part(p, arrays=[rows[pos]], positions=pos, reply_bytes=len(pos) * row_bytes) for p, pos in groups]
         return self._submit("get", parts, _scatter_rows, result)
 
     def _write_rows(self, op: str, delta: np.ndarray, rows: Optional[np.ndarray]) -> Future:

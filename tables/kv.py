@@ -246,7 +246,9 @@ class KVTable(TableHandle):
     def get_async(self, keys: Any) -> Future:
         keys = as_keys(keys)
         result = np.empty((len(keys), self.dim), dtype=self.dtype)
-        parts = [Part(p, arrays=[keys[pos]], positions=pos) for p, pos in self._split(keys)]
+        row_bytes = self.dim * self.dtype.itemsize
+        parts = [Part(p, arrays=[keys[pos]], positions=pos, reply_bytes=len(pos) * row_bytes)
+                 for p, pos in self._split(keys)]
         return self._submit("get", parts, _scatter_rows, result)
 
     def get(self, keys: Any) -> np.ndarray:

@@ -5,6 +5,7 @@ a stamp of its last change and, per worker, the stamp each row had when last sen
 
 from __future__ import annotations
 
+import weakref
 from concurrent.futures import Future
 from typing import Any, Optional
 
@@ -69,6 +70,17 @@ class SparseRowShard(DenseRowShard):
             self.stamp[:] = self._clock
 
 
+class _Cache:
+    """A worker's copy of a sparse table, shared by its handles of that table."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+        self.cold = True  # the next get asks for every row: nothing cached yet, or a get failed
+
+
+_caches: "weakref.WeakValueDictionary[tuple[Any, int], _Cache]" = weakref.WeakValueDictionary()
+
+
 class SparseMatrixTable(MatrixTable):
     """Same API as MatrixTable: `get(row_ids=None, *, out=None)`, `add(delta, row_ids=None)`.
     A get transfers only rows changed since this worker's last get of them; an add ships
@@ -78,20 +90,27 @@ class SparseMatrixTable(MatrixTable):
 
     def _setup(self, info) -> None:
         super()._setup(info)
-        self._cache = np.zeros(info.spec.shape, np.dtype(info.spec.dtype))
-        self._cold = True  # the next get asks for every row: nothing is cached yet, or a get failed
+        # The server tracks what it sent per worker, so all of a worker's handles of this
+        # table must share one cache: a row one of them fetched is fresh for all.
+        key = (self._runtime, info.table_id)
+        self._shared = _caches.get(key)
+        if self._shared is None:
+            self._shared = _caches[key] = _Cache(np.zeros(info.spec.shape, np.dtype(info.spec.dtype)))
+        self._cache = self._shared.values
 
     def get_async(self, row_ids: Any = None, *, out: Optional[np.ndarray] = None) -> Future:
         rows = self._rows(row_ids)
         shape = self.shape if rows is None else (len(rows), self.num_cols)
         result = result_array(out, shape, self.dtype)
-        args = {"w": self._runtime.worker_id, "all": True} if self._cold else {"w": self._runtime.worker_id}
-        self._cold = False
+        args = {"w": self._runtime.worker_id, "all": True} if self._shared.cold else {"w": self._runtime.worker_id}
+        self._shared.cold = False
+        row_bytes = 8 + self.num_cols * self.dtype.itemsize  # a row id and its values, if it changed
         if rows is None:
-            parts = [Part(p, args) for p, _, _ in self._ranges.whole()]
+            parts = [Part(p, args, reply_bytes=(hi - lo) * row_bytes) for p, lo, hi in self._ranges.whole()]
         else:
             unique = np.unique(rows)
-            parts = [Part(p, args, [unique[pos]]) for p, pos in self._ranges.split(unique)]
+            parts = [Part(p, args, [unique[pos]], reply_bytes=len(pos) * row_bytes)
+                     for p, pos in self._ranges.split(unique)]
         future = self._submit("get", parts, self._merge_rows, result,
                               finish=lambda res: _copy_rows(self._cache, rows, res))
         future.add_done_callback(self._on_get_done)
@@ -105,7 +124,7 @@ class SparseMatrixTable(MatrixTable):
 
     def _on_get_done(self, future: Future) -> None:
         if future.exception() is not None:
-            self._cold = True  # the server may think we have rows that never arrived
+            self._shared.cold = True  # the server may think we have rows that never arrived
 
     def add_async(self, delta: Any, row_ids: Any = None) -> Future:
         rows = self._rows(row_ids)
