@@ -14,7 +14,8 @@ from multiverso_py.errors import InvalidArgument
 
 
 class Updater:
-    """Base: `apply(delta, rows, args)` updates `self.data` in place."""
+    """Base: `apply(delta, rows, args)` updates `self.data` in place, where rows is None
+    (all of them), a slice (a span of them) or an int64 array of row numbers (repeats sum)."""
 
     name = ""
     option_names: frozenset[str] = frozenset()
@@ -50,8 +51,9 @@ class AddUpdater(Updater):
     additive = True
 
     def apply(self, delta: np.ndarray, rows: Optional[np.ndarray], args: dict) -> None:
-        if rows is None:
-            np.add(self.data, delta, out=self.data)
+        if rows is None or isinstance(rows, slice):
+            target = self.data if rows is None else self.data[rows]
+            np.add(target, delta, out=target)
         else:
             add_rows(self.data, rows, delta)
 

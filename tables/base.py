@@ -20,7 +20,12 @@ from multiverso_py.errors import IndexOutOfRange, InvalidArgument
 from multiverso_py.updaters import Updater, make_updater
 
 TABLE_DTYPES = ("float32", "float64", "int32", "int64")
-PARTITION_TARGET_BYTES = 8 << 20  # big tables split into ~8 MiB partitions: pipelined transfers
+# A fixed number of partitions per server, whatever the table's size: a request for
+# random rows then touches a bounded number of them (the cost per row does not grow with
+# the table). Two per server let partitions run in parallel on a server's threads.
+PARTITIONS_PER_SERVER = 2
+MIN_SPLIT_BYTES = 1 << 20  # a smaller table keeps one partition per server: splitting costs per part
+SPAN_BYTES = 8 << 20  # whole-table transfers go in row spans of about this size: pipelined
 
 
 @dataclass(frozen=True)
@@ -174,9 +179,10 @@ def check_shape(array: np.ndarray, shape: tuple, what: str) -> np.ndarray:
 
 
 def range_layout(num_rows: int, row_bytes: int, num_servers: int) -> dict:
-    """Split rows into contiguous partitions: at least one per server, ~8 MiB each."""
-    by_size = math.ceil(num_rows * row_bytes / PARTITION_TARGET_BYTES)
-    count = max(1, min(num_rows, max(num_servers, by_size)))
+    """Split rows into PARTITIONS_PER_SERVER contiguous partitions per server, or one per
+    server for a small table (and never more partitions than rows)."""
+    per_server = PARTITIONS_PER_SERVER if num_rows * row_bytes >= MIN_SPLIT_BYTES * num_servers else 1
+    count = max(1, min(num_rows, per_server * num_servers))
     bounds = [num_rows * p // count for p in range(count + 1)]
     return {"bounds": bounds}
 
@@ -193,6 +199,17 @@ class RangeRows:
     def whole(self) -> list[tuple[int, int, int]]:
         """(partition, lo, hi) of every non-empty partition."""
         return self._whole
+
+    def spans(self, row_bytes: int) -> list[tuple[int, int, int, dict]]:
+        """(partition, lo, hi, args) covering every row in pieces of about SPAN_BYTES; args
+        name the piece's local rows {"lo", "hi"} unless it is the whole partition."""
+        step = max(1, SPAN_BYTES // max(1, row_bytes))
+        out = []
+        for p, lo, hi in self._whole:
+            for start in range(lo, hi, step):
+                end = min(hi, start + step)
+                out.append((p, start, end, {} if end - start == hi - lo else {"lo": start - lo, "hi": end - lo}))
+        return out
 
     def split(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(partition, positions into rows) for each partition that some row falls in."""
@@ -226,37 +243,48 @@ class DenseRowShard:
             raise IndexOutOfRange(f"row ids outside this partition's rows [{self.lo}, {self.hi})")
         return rows - self.lo
 
+    def _span(self, args: dict) -> Optional[slice]:
+        """The local rows {"lo", "hi"} of a whole-span request; None for all of them."""
+        if "lo" not in args and "hi" not in args:
+            return None
+        lo, hi = args.get("lo"), args.get("hi")
+        if type(lo) is not int or type(hi) is not int or not 0 <= lo < hi <= len(self.data):
+            raise IndexOutOfRange(f"row span [{lo}, {hi}) is not inside this partition's {len(self.data)} rows")
+        return slice(lo, hi)
+
     def get(self, args: dict, arrays: list) -> tuple[dict, list]:
-        """Whole partition (no arrays: a view, which the server keeps unchanged until it is
-        sent) or the rows named by arrays[0]."""
+        """All the partition's rows or a span of them (no arrays: a view, which the server
+        keeps unchanged until it is sent), or the rows named by arrays[0]."""
         if not arrays:
-            return {}, [self.data]
+            span = self._span(args)
+            return {}, [self.data if span is None else self.data[span]]
         if len(arrays) != 1:
             raise InvalidArgument(f"a get carries at most row ids, got {len(arrays)} arrays")
         return {}, [self.data[self._local_rows(arrays[0])]]
 
-    def _delta(self, arrays: list) -> tuple[Optional[np.ndarray], np.ndarray]:
-        """(local rows or None for the whole partition, delta) of an add or set."""
+    def _delta(self, args: dict, arrays: list) -> tuple[Any, np.ndarray]:
+        """(local row ids, a span, or None for the whole partition; delta) of an add or set."""
         if len(arrays) not in (1, 2):
             raise InvalidArgument(f"an add carries a delta and optional row ids, got {len(arrays)} arrays")
-        rows = self._local_rows(arrays[0]) if len(arrays) == 2 else None
+        rows = self._local_rows(arrays[0]) if len(arrays) == 2 else self._span(args)
         delta = arrays[-1]
-        expected = (self.data.shape[0] if rows is None else len(rows), *self.data.shape[1:])
+        if rows is None:
+            count = len(self.data)
+        else:
+            count = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+        expected = (count, *self.data.shape[1:])
         if delta.shape != expected or delta.dtype != self.data.dtype:
             raise InvalidArgument(f"delta {delta.dtype}{list(delta.shape)} does not match {self.data.dtype}{list(expected)}")
         return rows, delta
 
     def add(self, args: dict, arrays: list) -> tuple[dict, list]:
-        rows, delta = self._delta(arrays)
+        rows, delta = self._delta(args, arrays)
         self.updater.apply(delta, rows, args)
         return {}, []
 
     def set(self, args: dict, arrays: list) -> tuple[dict, list]:
-        rows, values = self._delta(arrays)
-        if rows is None:
-            np.copyto(self.data, values)
-        else:
-            self.data[rows] = values
+        rows, values = self._delta(args, arrays)
+        self.data[slice(None) if rows is None else rows] = values
         return {}, []
 
 
@@ -341,6 +369,9 @@ class RangeTableHandle(TableHandle):
     def _setup(self, info: TableInfo) -> None:
         self._ranges = RangeRows(info.layout["bounds"])
 
+    def _spans(self) -> list[tuple[int, int, int, dict]]:
+        return self._ranges.spans(math.prod(self._row_shape) * self.dtype.itemsize)
+
     def _initialize(self) -> None:
         values = self._initial()
         if values is not None:
@@ -354,7 +385,7 @@ class RangeTableHandle(TableHandle):
         if rows is None:
             result = result_array(out, shape or (self._num_rows, *self._row_shape), self.dtype)
             flat = result.reshape(self._num_rows, *self._row_shape)
-            parts = [Part(p, dest=[_bytes_of(flat[lo:hi])]) for p, lo, hi in self._ranges.whole()]
+            parts = [Part(p, args, dest=[_bytes_of(flat[lo:hi])]) for p, lo, hi, args in self._spans()]
             return self._submit("get", parts, None, result)
         result = result_array(out, (len(rows), *self._row_shape), self.dtype)
         groups = self._ranges.split(rows)
@@ -367,7 +398,7 @@ class RangeTableHandle(TableHandle):
     def _write_rows(self, op: str, delta: np.ndarray, rows: Optional[np.ndarray]) -> Future:
         """Start an add (or the master's set) of all rows or of the given rows."""
         if rows is None:
-            parts = [Part(p, arrays=[delta[lo:hi]]) for p, lo, hi in self._ranges.whole()]
+            parts = [Part(p, args, [delta[lo:hi]]) for p, lo, hi, args in self._spans()]
         else:
             parts = [Part(p, arrays=[rows[pos], delta[pos]]) for p, pos in self._ranges.split(rows)]
         return self._submit(op, parts)

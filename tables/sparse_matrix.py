@@ -48,26 +48,29 @@ class SparseRowShard(DenseRowShard):
             rows = self._local_rows(arrays[0])
             changed = rows if args.get("all") else rows[self.stamp[rows] > sent[rows]]
         else:
-            changed = np.arange(len(self.stamp)) if args.get("all") else np.flatnonzero(self.stamp > sent)
+            span = self._span(args) or slice(0, len(self.stamp))
+            changed = np.arange(span.start, span.stop)
+            if not args.get("all"):
+                changed = changed[self.stamp[span] > sent[span]]
         sent[changed] = self.stamp[changed]
         return {}, [changed + self.lo, self.data[changed]]
 
     def add(self, args: dict, arrays: list) -> tuple[dict, list]:
         result = super().add(args, arrays)
-        self._touch(arrays)
+        self._touch(args, arrays)
         return result
 
     def set(self, args: dict, arrays: list) -> tuple[dict, list]:
         result = super().set(args, arrays)
-        self._touch(arrays)
+        self._touch(args, arrays)
         return result
 
-    def _touch(self, arrays: list) -> None:
+    def _touch(self, args: dict, arrays: list) -> None:
         self._clock += 1
         if len(arrays) == 2:
             self.stamp[arrays[0] - self.lo] = self._clock
         else:
-            self.stamp[:] = self._clock
+            self.stamp[self._span(args) or slice(None)] = self._clock
 
 
 class _Cache:
@@ -106,7 +109,7 @@ class SparseMatrixTable(MatrixTable):
         self._shared.cold = False
         row_bytes = 8 + self.num_cols * self.dtype.itemsize  # a row id and its values, if it changed
         if rows is None:
-            parts = [Part(p, args, reply_bytes=(hi - lo) * row_bytes) for p, lo, hi in self._ranges.whole()]
+            parts = [Part(p, {**args, **span}, reply_bytes=(hi - lo) * row_bytes) for p, lo, hi, span in self._spans()]
         else:
             unique = np.unique(rows)
             parts = [Part(p, args, [unique[pos]], reply_bytes=len(pos) * row_bytes)
