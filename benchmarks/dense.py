@@ -7,27 +7,22 @@ Run with ``python -m benchmarks [--quick]``; ``python -m benchmarks.dense`` does
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections import deque
 from concurrent.futures import Future, wait
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 import multiverso_py as mv
+from benchmarks import report
 from benchmarks.limits import timed_rounds
+from benchmarks.report import Row
 from multiverso_py.testing import LocalCluster
 
 MiB = 1 << 20
-RESULTS = Path(__file__).resolve().parent / "results"
 PULL_TARGET = 0.5  # the current issue's target: dense pull >= 50% of the socket stream
 ADD_WINDOW = 64  # in-flight adds in the windowed run, as the spec's reference figures use
 
@@ -43,41 +38,6 @@ class Sizes:
 
 FULL = Sizes(dense_bytes=64 * MiB, rounds=11, small_gets=2000, small_warmup=200, small_adds=20_000)
 QUICK = Sizes(dense_bytes=16 * MiB, rounds=5, small_gets=500, small_warmup=50, small_adds=5_000)
-
-
-@dataclass
-class Row:
-    """One workload next to the limit it is judged against; ratio is value / limit."""
-
-    key: str
-    workload: str
-    value: float
-    unit: str
-    limit_name: str
-    limit: float
-    limit_unit: str = ""  # when it differs from unit
-    lower_is_better: bool = False
-    target: float | None = None  # a ratio to reach (>=), or not exceed when lower is better
-    samples: list[float] = field(default_factory=list)  # per-round values, for the noise figure
-    limit_key: str = ""  # the limit's key in benchmarks.limits.measure_all()
-
-    @property
-    def ratio(self) -> float:
-        return self.value / self.limit if self.limit else float("nan")
-
-    @property
-    def noise(self) -> float | None:
-        """(max - min) / median of the per-round values: how much to trust one figure."""
-        if len(self.samples) < 2:
-            return None
-        return (max(self.samples) - min(self.samples)) / statistics.median(self.samples)
-
-    @property
-    def verdict(self) -> str | None:
-        if self.target is None:
-            return None
-        ok = self.ratio <= self.target if self.lower_is_better else self.ratio >= self.target
-        return "PASS" if ok else "MISS"
 
 
 def _gbps(nbytes: int, times: list[float]) -> list[float]:
@@ -104,7 +64,7 @@ def _small_get_us(table: mv.ArrayTable, sizes: Sizes) -> np.ndarray:
     return np.array(times[sizes.small_warmup:]) * 1e6
 
 
-def _adds_all_in_flight(table: mv.ArrayTable, n: int) -> float:
+def adds_all_in_flight(table: mv.ArrayTable, n: int) -> float:
     """Adds/s issuing n add_async calls at once, then waiting for every future."""
     delta = np.ones(table.size, np.float32)
     start = time.perf_counter()
@@ -142,8 +102,8 @@ def run(limits: dict[str, float], quick: bool = False) -> list[Row]:
             pull, pull_out, push = _dense(mv.ArrayTable(floats, name="dense"), sizes)
             small = mv.ArrayTable(16, name="small")
             lat = _small_get_us(small, sizes)
-            _adds_all_in_flight(small, max(sizes.small_adds // 10, ADD_WINDOW))  # warm-up
-            adds_all = [_adds_all_in_flight(small, sizes.small_adds) for _ in range(3)]
+            adds_all_in_flight(small, max(sizes.small_adds // 10, ADD_WINDOW))  # warm-up
+            adds_all = [adds_all_in_flight(small, sizes.small_adds) for _ in range(3)]
             adds_win = [_adds_windowed(small, sizes.small_adds, ADD_WINDOW) for _ in range(3)]
         finally:
             mv.shutdown()
@@ -175,112 +135,18 @@ def run(limits: dict[str, float], quick: bool = False) -> list[Row]:
     ]
 
 
-def rebase(rows: list[Row], limits: dict[str, float]) -> None:
-    """Judge every row against these limits (the best of several measurements)."""
-    for row in rows:
-        row.limit = limits[row.limit_key]
-
-
-# ---------------------------------------------------------------- reporting
-
-
-def _fmt(value: float, unit: str) -> str:
-    if unit == "GB/s":
-        return f"{value:.2f} GB/s"
-    if unit == "µs":
-        return f"{value:,.0f} µs"
-    return f"{value:,.0f} {unit}"
+QUICK_NOTE = ("quick: limits and workloads use 16 MiB and few rounds, so ratios can be off by 2x; "
+              "judge targets on the full run.")
 
 
 def markdown(rows: list[Row], quick: bool = False) -> str:
-    lines = ["| workload | value | limit | ratio | spread | target |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        noise = "" if r.noise is None else f"{r.noise:.0%}"
-        target = ""
-        if r.target is not None:
-            target = f"{'≤' if r.lower_is_better else '≥'}{r.target:.2f}× {r.verdict}"
-        limit = f"{r.limit_name} {_fmt(r.limit, r.limit_unit or r.unit)}"
-        lines.append(f"| {r.workload} | {_fmt(r.value, r.unit)} | {limit} | {r.ratio:.2f}× | {noise} | {target} |")
-    lines.append("")
-    lines.append("ratio = value / limit (for latencies, lower is better); spread = (max - min) / median "
-                 "over the timed rounds.")
-    if quick:
-        lines.append("quick: limits and workloads use 16 MiB and few rounds, so ratios can be off by 2x; "
-                     "judge targets on the full run.")
-    return "\n".join(lines)
+    return report.markdown(rows, [QUICK_NOTE] if quick else [])
 
 
-def machine_info() -> dict[str, Any]:
-    import msgpack
-    import uvloop
-
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu_model,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,  # other load skews all
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "uvloop": uvloop.__version__,
-        "msgpack": ".".join(map(str, msgpack.version)),
-        "multiverso_py": mv.__version__,
-    }
-
-
-def _plot(rows: list[Row], path: Path) -> bool:
-    """A bar chart of ratios to limits; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    groups = [([r for r in rows if not r.lower_is_better], "× limit (higher is better)"),
-              ([r for r in rows if r.lower_is_better], "× uvloop round trip (lower is better)")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [len(groups[0][0]), 3]})
-    for ax, (group, title) in zip(axes, groups):
-        ax.bar(range(len(group)), [r.ratio for r in group], color="tab:blue")
-        ax.set_xticks(range(len(group)), [r.workload for r in group], rotation=30, ha="right", fontsize=8)
-        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-        targets = [(i, r.target) for i, r in enumerate(group) if r.target is not None]
-        for i, r in enumerate(group):
-            ax.annotate(f"{r.ratio:.2f}×", (i, r.ratio), ha="center", va="bottom", fontsize=8)
-        for n, (i, target) in enumerate(targets):
-            ax.hlines(target, i - 0.4, i + 0.4, color="tab:red", linewidth=2, label="target" if n == 0 else None)
-        ax.set_title(title, fontsize=10)
-        if any(r.target is not None for r in group):
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def write_results(rows: list[Row], limits: dict[str, float], quick: bool, out: Path = RESULTS) -> None:
+def write_results(rows: list[Row], limits: dict[str, float], quick: bool) -> None:
     """dense.json (raw numbers and machine), dense.md (the table) and dense.png (if possible)."""
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, quick)
-    info = machine_info()
-    data: dict[str, Any] = {
-        "mode": "quick" if quick else "full",
-        "sizes": asdict(QUICK if quick else FULL),
-        "machine": info,
-        "limits": limits,
-        "workloads": {r.key: {**asdict(r), "ratio": r.ratio, "noise": r.noise, "verdict": r.verdict} for r in rows},
-    }
-    (out / "dense.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    (out / "dense.md").write_text(f"# Dense benchmark ({data['mode']}, {info['date']})\n\n{table}\n")
-    if not _plot(rows, out / "dense.png"):
-        print("note: matplotlib is not installed; skipping benchmarks/results/dense.png")
+    report.write_results("dense", "Dense benchmark", rows, limits, quick, asdict(QUICK if quick else FULL),
+                         [QUICK_NOTE] if quick else [])
 
 
 def main(argv: list[str]) -> None:

@@ -38,7 +38,7 @@ class LatencyUs(TypedDict):
     p99: float
 
 
-def _watchdog(parent_pid: int) -> None:
+def watchdog(parent_pid: int) -> None:
     """Exit this helper when its parent dies or its lifetime ends, so none is left behind."""
 
     def watch() -> None:
@@ -105,7 +105,7 @@ def _median_s(action: Callable[[], object], rounds: int) -> float:
 
 def _stream_receiver(port_conn: Connection, parent_pid: int, nbytes: int, rounds: int) -> None:
     """Receive nbytes per round into one preallocated buffer and acknowledge each with one byte."""
-    _watchdog(parent_pid)
+    watchdog(parent_pid)
     with socket.create_server(("127.0.0.1", 0)) as server:
         port_conn.send(server.getsockname()[1])
         port_conn.close()
@@ -195,7 +195,7 @@ async def _serve_echo(port_conn: Connection) -> None:
 
 
 def _echo_server(port_conn: Connection, parent_pid: int) -> None:
-    _watchdog(parent_pid)
+    watchdog(parent_pid)
     _uv_run(_serve_echo(port_conn))
 
 
