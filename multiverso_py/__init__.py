@@ -8,11 +8,28 @@
 """
 
 from multiverso_py.api import (
-    Job, barrier, clock, init, is_master_worker, servers_num, shutdown, worker_id, workers_num,
+    Job,
+    barrier,
+    clock,
+    init,
+    is_master_worker,
+    servers_num,
+    shutdown,
+    worker_id,
+    workers_num,
 )
 from multiverso_py.errors import (
-    ConnectFailed, ConnectionLost, IndexOutOfRange, InvalidArgument, MultiversoError, NotInitialized,
-    ProtocolError, RemoteError, RequestTimeout, TableNotFound, TableSpecMismatch,
+    ConnectFailed,
+    ConnectionLost,
+    IndexOutOfRange,
+    InvalidArgument,
+    MultiversoError,
+    NotInitialized,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    TableNotFound,
+    TableSpecMismatch,
 )
 from multiverso_py.tables.array import ArrayTable
 from multiverso_py.tables.kv import KVTable

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Callable, Optional
@@ -78,3 +80,25 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def run_job(script: str, workers: int, servers: int, timeout: float = 90.0) -> subprocess.CompletedProcess:
+    """Run a Python script as a whole job under `multiverso-py run`, as a user would, with
+    no MV_* variables inherited. On timeout the launcher gets SIGTERM, so it stops what it
+    started (SIGKILL would orphan its children), and TimeoutError says what it printed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MV_")}
+    cmd = [sys.executable, "-m", "multiverso_py", "--log-level", "warning", "run",
+           "--workers", str(workers), "--servers", str(servers), "--", sys.executable, str(script)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          text=True, env=env) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                out, err = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            raise TimeoutError(f"the job ran past {timeout}s\nstdout:\n{out}\nstderr:\n{err}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

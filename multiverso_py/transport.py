@@ -16,7 +16,8 @@ from concurrent.futures import Future
 from typing import Any, Awaitable, Callable, Optional
 
 from multiverso_py.errors import ConnectFailed, ErrorCode, ProtocolError
-from multiverso_py.protocol import DEFAULT_LIMITS, Allocator, Frame, FrameReader, Limits, MsgType, encode
+from multiverso_py.framing import Allocator, FrameReader, encode
+from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,19 @@ from concurrent.futures import Future
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from multiverso_py.tables.base import (
+    Part,
+    TableHandle,
+    TableInfo,
+    TableSpec,
+    as_array,
+    group_by_partition,
+    numpy_of,
+)
+from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64_int
 
 from multiverso_py import context
 from multiverso_py.errors import InvalidArgument
-from multiverso_py.tables.base import (
-    Part, TableHandle, TableInfo, TableSpec, as_array, group_by_partition, numpy_of,
-)
-from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64_int
 from multiverso_py.updaters import Updater, check_updater, make_updater
 
 PARTITIONS_PER_SERVER = 2

@@ -6,11 +6,10 @@ from concurrent.futures import Future
 from typing import Any, Optional
 
 import numpy as np
+from multiverso_py.tables.base import TableSpec, as_array, as_index, check_shape
+from multiverso_py.tables.ranges import DenseRowShard, RangeTableHandle, range_layout
 
 from multiverso_py import context
-from multiverso_py.tables.base import (
-    DenseRowShard, RangeTableHandle, TableSpec, as_array, as_index, check_shape, range_layout,
-)
 from multiverso_py.updaters import check_updater
 
 

@@ -10,11 +10,12 @@ from concurrent.futures import Future
 from typing import Any, Optional
 
 import numpy as np
+from multiverso_py.tables import matrix
+from multiverso_py.tables.base import Part, TableSpec, as_array, check_shape
+from multiverso_py.tables.matrix import MatrixTable
+from multiverso_py.tables.ranges import DenseRowShard, result_array
 
 from multiverso_py.errors import InvalidArgument
-from multiverso_py.tables import matrix
-from multiverso_py.tables.base import DenseRowShard, Part, TableSpec, as_array, check_shape, result_array
-from multiverso_py.tables.matrix import MatrixTable
 
 layout = matrix.layout  # the same row ranges as MatrixTable
 

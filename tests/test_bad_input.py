@@ -25,17 +25,8 @@ import pytest
 
 import multiverso_py as mv
 from multiverso_py.errors import ErrorCode
-from multiverso_py.protocol import (
-    DEFAULT_LIMITS,
-    MAGIC,
-    PREFIX,
-    VERSION,
-    Frame,
-    FrameReader,
-    MsgType,
-    encode_bytes,
-    pack_parts,
-)
+from multiverso_py.framing import MAGIC, PREFIX, VERSION, FrameReader, encode_bytes
+from multiverso_py.protocol import DEFAULT_LIMITS, Frame, MsgType, pack_parts
 from multiverso_py.testing import LocalCluster, wait_for
 
 SIZE = 4096  # elements in the well-behaved worker's table

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from multiverso_py.tables.keyindex import KeyIndex, mix64
 
 EXTREMES = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64 - 2]

@@ -30,20 +30,15 @@ from multiverso_py.errors import (
     code_for,
     exception_for,
 )
+from multiverso_py.framing import MAGIC, PREFIX, VERSION, FrameReader, encode, encode_bytes
 from multiverso_py.protocol import (
     ALLOWED_DTYPES,
     DEFAULT_LIMITS,
-    MAGIC,
-    PREFIX,
     SCHEMAS,
-    VERSION,
     Frame,
-    FrameReader,
     Limits,
     MsgType,
     check_descriptor,
-    encode,
-    encode_bytes,
     pack_parts,
     parse_header,
     unpack_parts,

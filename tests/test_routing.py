@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import multiverso_py as mv
-from multiverso_py.protocol import FrameReader, MsgType, encode_bytes, pack_parts
+from multiverso_py.framing import FrameReader, encode_bytes
+from multiverso_py.protocol import MsgType, pack_parts
 from multiverso_py.testing import LocalCluster
 from multiverso_py.transport import parse_address
 

@@ -8,13 +8,13 @@ saw what they should.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from multiverso_py import testing
 
 RUN_TIMEOUT = 90.0  # seconds for a whole job; it normally takes a few
 
@@ -97,11 +97,7 @@ WORKER_SCRIPT = textwrap.dedent(
 
 
 def run_job(script: Path, workers: int, servers: int) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MV_")}
-    cmd = [sys.executable, "-m", "multiverso_py", "--log-level", "warning", "run",
-           "--workers", str(workers), "--servers", str(servers), "--", sys.executable, str(script)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env,
-                          stdin=subprocess.DEVNULL)
+    return testing.run_job(str(script), workers, servers, RUN_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

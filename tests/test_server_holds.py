@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import multiverso_py as mv
-from multiverso_py.protocol import MsgType, encode_bytes, pack_parts
+from multiverso_py.framing import encode_bytes
+from multiverso_py.protocol import MsgType, pack_parts
 from multiverso_py.scheduler import Scheduler, SchedulerConfig
 from multiverso_py.server import Server, ServerConfig
 from multiverso_py.testing import LocalCluster

@@ -8,9 +8,7 @@ workers' own stats, that rows changed by another worker move and unchanged rows 
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import multiverso_py as mv
+from multiverso_py import testing
 
 RUN_TIMEOUT = 90.0  # seconds for a whole multi-process job; it normally takes two or three
 ID_BYTES = 8  # a reply names each row it carries; allow up to an int64 per row on the wire
@@ -331,23 +330,7 @@ TWO_WORKER_SCRIPT = textwrap.dedent(
 
 
 def run_job(script: Path, workers: int, servers: int) -> subprocess.CompletedProcess:
-    """Run `script` under `multiverso-py run`, bounded by RUN_TIMEOUT."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MV_")}
-    cmd = [sys.executable, "-m", "multiverso_py", "--log-level", "warning", "run",
-           "--workers", str(workers), "--servers", str(servers), "--", sys.executable, str(script)]
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                          text=True, env=env) as proc:
-        try:
-            out, err = proc.communicate(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.terminate()  # SIGTERM: the launcher stops the processes it started (SIGKILL would orphan them)
-            try:
-                out, err = proc.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-            pytest.fail(f"the job ran past {RUN_TIMEOUT}s\nstdout:\n{out}\nstderr:\n{err}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return testing.run_job(str(script), workers, servers, RUN_TIMEOUT)
 
 
 @pytest.mark.timeout(120)

@@ -16,7 +16,6 @@ import pytest
 
 import multiverso_py as mv
 
-
 pytestmark = pytest.mark.usefixtures("no_scheduler_env")
 
 
