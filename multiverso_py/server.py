@@ -135,11 +135,15 @@ class _Job:
             log.exception("%s failed", what)
 
     def reply(self) -> None:
+        if self.error is None:
+            try:
+                parts, buffers = pack_parts(self.results)
+                self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts}, buffers)
+            except ProtocolError as exc:  # a reply over the frame limit: say so, and free the turn
+                log.warning("cannot reply to %s from %s: %s", self.frame.type.name, self.conn.peer, exc)
+                self.error = exc
         if self.error is not None:
             self.conn.send_error(self.frame.req_id, code_for(self.error), str(self.error))
-        else:
-            parts, buffers = pack_parts(self.results)
-            self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts}, buffers)
         if self.frame.type is MsgType.GET:
             self.server.after_flush(self.conn, lambda: self.server.turns.leave(self))
 

@@ -11,7 +11,7 @@ import pytest
 
 import multiverso_py as mv
 from multiverso_py.framing import encode_bytes
-from multiverso_py.protocol import MsgType, pack_parts
+from multiverso_py.protocol import Limits, MsgType, pack_parts
 from multiverso_py.scheduler import Scheduler, SchedulerConfig
 from multiverso_py.server import Server, ServerConfig
 from multiverso_py.testing import LocalCluster
@@ -94,6 +94,32 @@ def test_a_reader_that_never_reads_is_dropped_and_frees_the_partition():
             stalled.settimeout(10)
             assert _reads_until_closed(stalled), "the server kept the stalled connection open"
             stalled.close()
+    finally:
+        io.call_soon(scheduler.close)
+        io.call_soon(server.close)
+        io.stop()
+
+
+def test_a_reply_over_the_frame_limit_is_an_error_and_frees_the_partition():
+    io = LoopThread()
+    scheduler = Scheduler(SchedulerConfig(workers=1, servers=1))
+    server = Server(ServerConfig(limits=Limits(max_frame_bytes=3 << 20)))  # frames of 3 MiB at most, both ways
+
+    async def start() -> None:
+        await scheduler.start()
+        await server.start()
+        await server.register(parse_address(scheduler.address))
+
+    io.run(start(), 10)
+    try:
+        with mv.init(scheduler.address, timeout=20):
+            table = mv.ArrayTable(1 << 20, name="too_big")  # 4 MiB: a whole get is one 4 MiB reply
+            with pytest.raises(mv.ProtocolError, match="exceeds"):
+                table.get()
+            # The failed get gave its partitions back: adds and small gets still go through.
+            last = (1 << 20) - 1
+            table.add([1.0, 2.0], [0, last])
+            np.testing.assert_array_equal(table.get([0, last]), [1, 2])
     finally:
         io.call_soon(scheduler.close)
         io.call_soon(server.close)
