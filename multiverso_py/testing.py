@@ -102,3 +102,8 @@ def run_job(script: str, workers: int, servers: int, timeout: float = 90.0) -> s
                 out, err = proc.communicate()
             raise TimeoutError(f"the job ran past {timeout}s\nstdout:\n{out}\nstderr:\n{err}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def job_report(result: subprocess.CompletedProcess) -> str:
+    """A finished job's status and output, for assertion messages."""
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"

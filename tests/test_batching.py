@@ -9,7 +9,6 @@ compare with ==.
 from __future__ import annotations
 
 import math
-import subprocess
 import textwrap
 from concurrent.futures import Future
 from pathlib import Path
@@ -424,16 +423,13 @@ MULTI_WORKER_SCRIPT = textwrap.dedent(
 )
 
 
-def run_job(script: Path, workers: int, servers: int) -> subprocess.CompletedProcess:
-    return testing.run_job(str(script), workers, servers, RUN_TIMEOUT)
-
 
 @pytest.mark.timeout(120)
 def test_three_workers_random_async_adds_sum_exactly(tmp_path: Path) -> None:
     script = tmp_path / "batching_worker.py"
     script.write_text(MULTI_WORKER_SCRIPT)
-    result = run_job(script, workers=3, servers=2)
-    report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    result = testing.run_job(str(script), workers=3, servers=2, timeout=RUN_TIMEOUT)
+    report = testing.job_report(result)
     lines = result.stdout.splitlines()
     # Per table and worker, so that a failure says which tables went wrong.
     failed = sorted(line for line in lines if "MISMATCH" in line)

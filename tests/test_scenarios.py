@@ -8,7 +8,6 @@ saw what they should.
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
 from pathlib import Path
 
@@ -96,9 +95,6 @@ WORKER_SCRIPT = textwrap.dedent(
 )
 
 
-def run_job(script: Path, workers: int, servers: int) -> subprocess.CompletedProcess:
-    return testing.run_job(str(script), workers, servers, RUN_TIMEOUT)
-
 
 @pytest.fixture(scope="module")
 def worker_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -111,8 +107,8 @@ def worker_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("servers", [1, 2])
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_multiverso_scenarios(worker_script: Path, workers: int, servers: int) -> None:
-    result = run_job(worker_script, workers, servers)
-    report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    result = testing.run_job(str(worker_script), workers, servers, timeout=RUN_TIMEOUT)
+    report = testing.job_report(result)
     assert result.returncode == 0, report
     assert "MISMATCH" not in result.stdout, report
     lines = result.stdout.splitlines()
@@ -134,8 +130,8 @@ def test_scenario_failure_is_reported(tmp_path: Path) -> None:
     assert broken != WORKER_SCRIPT
     script = tmp_path / "broken_worker.py"
     script.write_text(broken)
-    result = run_job(script, workers=2, servers=1)
-    report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    result = testing.run_job(str(script), workers=2, servers=1, timeout=RUN_TIMEOUT)
+    report = testing.job_report(result)
     assert result.returncode != 0, report
     assert "MISMATCH worker 1: array[10000] round 0" in result.stdout + result.stderr, report
     assert "[worker 1] ok" not in result.stdout.splitlines(), report

@@ -3,8 +3,10 @@ and a reader that never reads cannot keep the partition closed to everyone else.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -29,6 +31,29 @@ def _raw_adds(address: str, body: dict, buffers, count: int) -> None:
         for seq in range(1, count + 1):
             sock.sendall(encode_bytes(MsgType.ADD, seq, {**body, "seq": seq}, buffers))
             sock.recv(1 << 16)  # the small REPLY; keeps adds and gets interleaving
+
+
+@contextlib.contextmanager
+def in_process_job(config: ServerConfig) -> Iterator[Server]:
+    """A scheduler and a server configured for the test, on an I/O thread of this
+    process, and this process as the job's one worker."""
+    io = LoopThread()
+    scheduler = Scheduler(SchedulerConfig(workers=1, servers=1))
+    server = Server(config)
+
+    async def start() -> None:
+        await scheduler.start()
+        await server.start()
+        await server.register(parse_address(scheduler.address))
+
+    try:
+        io.run(start(), 10)
+        with mv.init(scheduler.address, timeout=20):
+            yield server
+    finally:
+        io.call_soon(scheduler.close)
+        io.call_soon(server.close)
+        io.stop()
 
 
 def _reads_until_closed(sock: socket.socket, limit: int = 1 << 30) -> bool:
@@ -67,60 +92,30 @@ def test_gets_are_never_torn_by_concurrent_adds():
 
 
 def test_a_reader_that_never_reads_is_dropped_and_frees_the_partition():
-    io = LoopThread()
-    scheduler = Scheduler(SchedulerConfig(workers=1, servers=1))
-    server = Server(ServerConfig(flush_timeout=1.0))
-
-    async def start() -> None:
-        await scheduler.start()
-        await server.start()
-        await server.register(parse_address(scheduler.address))
-
-    io.run(start(), 10)
-    try:
-        with mv.init(scheduler.address, timeout=20):
-            table = mv.ArrayTable(ROWS, name="stall")
-            info = table._info
-            # A peer asks for the whole table many times over and never reads a byte.
-            stalled = socket.create_connection(parse_address(server.address), timeout=10)
-            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            get = encode_bytes(MsgType.GET, 1, {"table": info.table_id, "client": 77, "seq": 1,
-                                                "map": info.map_version, "parts": [{"p": 0}, {"p": 1}]})
-            stalled.sendall(get * 8)
-            # The worker's add waits behind the stalled get, then goes through once the
-            # server drops the stalled reader (flush_timeout = 1 s, far below the 20 s timeout).
-            table.add(np.ones(ROWS, np.float32))
-            np.testing.assert_array_equal(table.get()[:3], [1, 1, 1])
-            stalled.settimeout(10)
-            assert _reads_until_closed(stalled), "the server kept the stalled connection open"
-            stalled.close()
-    finally:
-        io.call_soon(scheduler.close)
-        io.call_soon(server.close)
-        io.stop()
+    with in_process_job(ServerConfig(flush_timeout=1.0)) as server:
+        table = mv.ArrayTable(ROWS, name="stall")
+        info = table._info
+        # A peer asks for the whole table many times over and never reads a byte.
+        stalled = socket.create_connection(parse_address(server.address), timeout=10)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        get = encode_bytes(MsgType.GET, 1, {"table": info.table_id, "client": 77, "seq": 1,
+                                            "map": info.map_version, "parts": [{"p": 0}, {"p": 1}]})
+        stalled.sendall(get * 8)
+        # The worker's add waits behind the stalled get, then goes through once the
+        # server drops the stalled reader (flush_timeout = 1 s, far below the 20 s timeout).
+        table.add(np.ones(ROWS, np.float32))
+        np.testing.assert_array_equal(table.get()[:3], [1, 1, 1])
+        stalled.settimeout(10)
+        assert _reads_until_closed(stalled), "the server kept the stalled connection open"
+        stalled.close()
 
 
 def test_a_reply_over_the_frame_limit_is_an_error_and_frees_the_partition():
-    io = LoopThread()
-    scheduler = Scheduler(SchedulerConfig(workers=1, servers=1))
-    server = Server(ServerConfig(limits=Limits(max_frame_bytes=3 << 20)))  # frames of 3 MiB at most, both ways
-
-    async def start() -> None:
-        await scheduler.start()
-        await server.start()
-        await server.register(parse_address(scheduler.address))
-
-    io.run(start(), 10)
-    try:
-        with mv.init(scheduler.address, timeout=20):
-            table = mv.ArrayTable(1 << 20, name="too_big")  # 4 MiB: a whole get is one 4 MiB reply
-            with pytest.raises(mv.ProtocolError, match="exceeds"):
-                table.get()
-            # The failed get gave its partitions back: adds and small gets still go through.
-            last = (1 << 20) - 1
-            table.add([1.0, 2.0], [0, last])
-            np.testing.assert_array_equal(table.get([0, last]), [1, 2])
-    finally:
-        io.call_soon(scheduler.close)
-        io.call_soon(server.close)
-        io.stop()
+    with in_process_job(ServerConfig(limits=Limits(max_frame_bytes=3 << 20))):  # 3 MiB frames, both ways
+        table = mv.ArrayTable(1 << 20, name="too_big")  # 4 MiB: a whole get is one 4 MiB reply
+        with pytest.raises(mv.ProtocolError, match="exceeds"):
+            table.get()
+        # The failed get gave its partitions back: adds and small gets still go through.
+        last = (1 << 20) - 1
+        table.add([1.0, 2.0], [0, last])
+        np.testing.assert_array_equal(table.get([0, last]), [1, 2])

@@ -8,7 +8,6 @@ workers' own stats, that rows changed by another worker move and unchanged rows 
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
 from pathlib import Path
 
@@ -329,16 +328,13 @@ TWO_WORKER_SCRIPT = textwrap.dedent(
 )
 
 
-def run_job(script: Path, workers: int, servers: int) -> subprocess.CompletedProcess:
-    return testing.run_job(str(script), workers, servers, RUN_TIMEOUT)
-
 
 @pytest.mark.timeout(120)
 def test_two_workers_get_moves_only_rows_the_other_changed(tmp_path: Path) -> None:
     script = tmp_path / "sparse_worker.py"
     script.write_text(TWO_WORKER_SCRIPT)
-    result = run_job(script, workers=2, servers=2)
-    report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    result = testing.run_job(str(script), workers=2, servers=2, timeout=RUN_TIMEOUT)
+    report = testing.job_report(result)
     assert result.returncode == 0, report
     assert "MISMATCH" not in result.stdout + result.stderr, report
     lines = set(result.stdout.splitlines())
