@@ -189,10 +189,10 @@ class KVShard:
         rows = self.index.lookup(keys)
         if self.insert_on_get:
             rows = self._insert_missing(keys, rows)  # may grow (replace) self.data
-            return {}, [self.data[rows]]
+            return {}, [np.take(self.data, rows, axis=0)]
         found = rows >= 0
         out = np.empty((len(keys), self.dim), dtype=self.dtype)
-        out[found] = self.data[rows[found]]
+        out[found] = np.take(self.data, rows[found], axis=0)
         out[~found] = initial_rows(self.init, self.seed, keys[~found], self.dim, self.dtype)
         return {}, [out]
 
@@ -269,7 +269,8 @@ class KVTable(TableHandle):
         if values.shape != (len(keys), self.dim):
             expected = f"{(len(keys), self.dim)}" + (f" or {(len(keys),)}" if self.dim == 1 else "")
             raise InvalidArgument(f"values has shape {values.shape}, expected {expected}")
-        return self._submit("add", [Part(p, arrays=[keys[pos], values[pos]]) for p, pos in self._split(keys)])
+        return self._submit("add", [Part(p, arrays=[keys[pos], np.take(values, pos, axis=0)])
+                                    for p, pos in self._split(keys)])
 
     def add(self, keys: Any, values: Any) -> None:
         self._wait(self.add_async(keys, values))

@@ -54,7 +54,7 @@ class SparseRowShard(DenseRowShard):
             if not args.get("all"):
                 changed = changed[self.stamp[span] > sent[span]]
         sent[changed] = self.stamp[changed]
-        return {}, [changed + self.lo, self.data[changed]]
+        return {}, [changed + self.lo, np.take(self.data, changed, axis=0)]
 
     def add(self, args: dict, arrays: list) -> tuple[dict, list]:
         result = super().add(args, arrays)
@@ -137,7 +137,7 @@ class SparseMatrixTable(MatrixTable):
         nonzero = np.flatnonzero(values.any(axis=1))
         rows = nonzero if rows is None else rows[nonzero]
         self._info.stats.rows_sent += len(rows)
-        return self._write_rows("add", values[nonzero], rows)
+        return self._write_rows("add", np.take(values, nonzero, axis=0), rows)
 
 
 def _copy_rows(cache: np.ndarray, rows: Optional[np.ndarray], out: np.ndarray) -> np.ndarray:
