@@ -170,10 +170,16 @@ def check_shape(array: np.ndarray, shape: tuple, what: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- partitions
 
+MASK_GROUPING_MAX = 16  # up to this many partitions, one boolean pass each beats sorting
+
+
 def group_by_partition(pid: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """(partition, positions) for each partition named in pid, positions in their order."""
     if not len(pid):
         return []
+    counts = np.bincount(pid)
+    if len(counts) <= MASK_GROUPING_MAX:
+        return [(int(p), np.flatnonzero(pid == p)) for p in np.flatnonzero(counts)]
     order = np.argsort(pid, kind="stable")
     cuts = np.flatnonzero(np.diff(pid[order])) + 1
     return [(int(pid[g[0]]), g) for g in np.split(order, cuts)]
