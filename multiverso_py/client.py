@@ -51,10 +51,10 @@ class _Op:
 
 @dataclass
 class _Pending:
-    """One message in flight. It carries the parts of one call, or the merged parts of
-    several queued adds (a batch); its reply completes one share of each of `ops`."""
+    """One message in flight: some of one call's parts (a batch of small adds is one call);
+    its reply completes one share of that call."""
 
-    ops: list[_Op]
+    op: _Op
     server: int
     parts: list[Part]
     deadline: float
@@ -235,7 +235,7 @@ class Client:
         if not messages:
             self._complete(call)
         for sid, group in messages:
-            self._send_message([call], sid, group)
+            self._send_message(call, sid, group)
 
     def _send_batch(self, table_id: int, batch: _Batch) -> None:
         """Close a batch (later adds start a new one) and send it, merged where the updater
@@ -247,25 +247,24 @@ class Client:
         self.batched_adds += batch.count
         self._send_op(batch.call, merge_adds(batch.parts) if is_additive(spec.updater) else batch.parts)
 
-    def _send_message(self, ops: list[_Op], sid: int, parts: list[Part]) -> None:
+    def _send_message(self, call: _Op, sid: int, parts: list[Part]) -> None:
         conn = self._conns.get(sid)
-        info = ops[0].info
+        info = call.info
         if conn is None or conn.closed:
-            for call in ops:
-                self._fail(call, ConnectionLost(f"{call.name} on table {info.name!r}: server {sid} "
-                                                f"({self.servers.get(sid, '?')}) is not connected"))
+            self._fail(call, ConnectionLost(f"{call.name} on table {info.name!r}: server {sid} "
+                                            f"({self.servers.get(sid, '?')}) is not connected"))
             return
         req_id = next(self._req_ids)
         dest = None
         if all(p.dest is not None for p in parts):
             dest = [d for p in parts for d in p.dest]
-        self._pending[req_id] = _Pending(ops, sid, parts, time.monotonic() + self.timeout, dest)
+        self._pending[req_id] = _Pending(call, sid, parts, time.monotonic() + self.timeout, dest)
         body_parts, buffers = pack_parts([(p.pid, p.args, p.arrays) for p in parts])
         body = {"table": info.table_id, "client": self.worker_id, "seq": next(self._seq),
                 "map": info.map_version, "parts": body_parts}
         info.stats.requests += 1
         info.stats.bytes_sent += sum(b.nbytes for b in buffers)
-        conn.send(_OPS[ops[0].name], req_id, body, buffers)
+        conn.send(_OPS[call.name], req_id, body, buffers)
 
     def _complete(self, call: _Op) -> None:
         if call.future.done():
@@ -295,30 +294,30 @@ class Client:
             if frame.type is MsgType.ERROR:
                 log.warning("error from %s: %s", conn.peer, frame.body["message"])
             return  # a reply that arrived after its request timed out
+        call = pending.op
         if frame.type is MsgType.ERROR:
-            self._fail_pending(pending, exception_for(frame.body["code"], f"{self._where(pending)}: {frame.body['message']}"))
+            self._fail(call, exception_for(frame.body["code"], f"{self._where(pending)}: {frame.body['message']}"))
         elif frame.type is MsgType.MOVED:
             asyncio.get_running_loop().create_task(self._resend_moved(pending))
         else:
             try:
                 self._merge(pending, frame)
             except Exception as exc:
-                self._fail_pending(pending, MultiversoError(f"{self._where(pending)}: bad reply: {exc}"))
+                self._fail(call, MultiversoError(f"{self._where(pending)}: bad reply: {exc}"))
                 return
-            for call in pending.ops:
-                call.left -= 1
-                if call.left == 0:
-                    self._complete(call)
+            call.left -= 1
+            if call.left == 0:
+                self._complete(call)
 
     def _where(self, pending: _Pending) -> str:
-        call = pending.ops[0]
+        call = pending.op
         return f"{call.name} on table {call.info.name!r} at server {pending.server} ({self.servers[pending.server]})"
 
     def _merge(self, pending: _Pending, frame: Frame) -> None:
         replies = unpack_parts(frame.body, frame.buffers, self.config.limits)
         if len(replies) != len(pending.parts):
             raise MultiversoError(f"{len(replies)} parts in the reply, {len(pending.parts)} requested")
-        call = pending.ops[0]
+        call = pending.op
         call.info.stats.bytes_received += sum(b.nbytes for b in frame.buffers)
         in_place = pending.dest is not None and all(a is b for a, b in zip(frame.buffers, pending.dest))
         for part, (pid, args, arrays) in zip(pending.parts, replies):
@@ -331,33 +330,28 @@ class Client:
 
     async def _resend_moved(self, pending: _Pending) -> None:
         """A server no longer holds a partition: refresh the map and resend the parts."""
-        call = pending.ops[0]
+        call = pending.op
         call.moved_retries += 1
         if call.moved_retries > MAX_MOVED_RETRIES:
-            self._fail_pending(pending, MultiversoError(f"{call.name} on table {call.info.name!r}: partitions keep moving"))
+            self._fail(call, MultiversoError(f"{call.name} on table {call.info.name!r}: partitions keep moving"))
             return
         try:
             data = await self._ask_scheduler(MsgType.SHARD_MAP, {"table": call.info.table_id},
                                              f"refreshing the map of table {call.info.name!r}")
         except MultiversoError as exc:
-            self._fail_pending(pending, exc)
+            self._fail(call, exc)
             return
         call.info.owners, call.info.map_version = data["owners"], data["map"]
         by_server: dict[int, list[Part]] = {}
         for part in pending.parts:
             by_server.setdefault(call.info.owners[part.pid], []).append(part)
-        for op in pending.ops:
-            op.left += len(by_server) - 1
+        call.left += len(by_server) - 1
         for sid, parts in by_server.items():
-            self._send_message(pending.ops, sid, parts)
+            self._send_message(call, sid, parts)
 
     def _fail(self, call: _Op, exc: BaseException) -> None:
         if not call.future.done():
             call.future.set_exception(exc)
-
-    def _fail_pending(self, pending: _Pending, exc: BaseException) -> None:
-        for call in pending.ops:
-            self._fail(call, exc)
 
     def _on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
         if conn is self._scheduler:
@@ -371,8 +365,8 @@ class Client:
         for req_id, pending in list(self._pending.items()):
             if pending.server == sid:
                 del self._pending[req_id]
-                call = pending.ops[0]
-                self._fail_pending(pending, ConnectionLost(
+                call = pending.op
+                self._fail(call, ConnectionLost(
                     f"{call.name} on table {call.info.name!r}: connection to server {sid} "
                     f"({self.servers.get(sid, '?')}) lost"))
         if not self._leaving:
@@ -388,8 +382,8 @@ class Client:
                 if pending.deadline > now:
                     break
                 del self._pending[req_id]
-                call = pending.ops[0]
-                self._fail_pending(pending, RequestTimeout(
+                call = pending.op
+                self._fail(call, RequestTimeout(
                     f"{call.name} on table {call.info.name!r}: no reply from server {pending.server} "
                     f"({self.servers[pending.server]}) within {self.timeout}s"))
 
