@@ -9,6 +9,7 @@ import numpy as np
 
 from multiverso_py.errors import InvalidArgument, NotInitialized
 from multiverso_py.tables.base import TABLE_DTYPES, Runtime, TableSpec
+from multiverso_py.updaters import check_updater
 
 CONSISTENCY_MODELS = ("async",)
 
@@ -61,6 +62,7 @@ def table_spec(kind: str, shape: tuple, dtype: Any, updater: str, options: dict,
         name = str(dtype)
     if name not in TABLE_DTYPES:
         raise InvalidArgument(f"dtype {dtype!r} is not one of {', '.join(TABLE_DTYPES)}")
+    check_updater(updater, options)
     return TableSpec(
         kind, shape, name, updater, dict(options),
         check_consistency(consistency or _defaults["consistency"]),

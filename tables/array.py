@@ -11,7 +11,6 @@ from multiverso_py.tables.base import TableSpec, as_array, as_index, check_shape
 from multiverso_py.tables.ranges import DenseRowShard, RangeTableHandle, range_layout
 
 from multiverso_py import context
-from multiverso_py.updaters import check_updater
 
 
 def layout(spec: TableSpec, num_servers: int) -> dict:
@@ -36,7 +35,6 @@ class ArrayTable(RangeTableHandle):
         runtime = context.current()
         shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
         spec = context.table_spec(self.kind, shape, dtype, updater, updater_options, consistency, staleness)
-        check_updater(spec.updater, spec.options)
         self.shape = spec.shape
         self.size = math.prod(self.shape)
         super().__init__(runtime, name, spec, (), init, init_value, seed)

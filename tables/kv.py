@@ -38,7 +38,7 @@ from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64
 
 from multiverso_py import context
 from multiverso_py.errors import InvalidArgument
-from multiverso_py.updaters import Updater, check_updater, make_updater
+from multiverso_py.updaters import Updater, make_updater
 
 PARTITIONS_PER_SERVER = 2
 KEY_DTYPES = ("int64", "uint64")
@@ -234,7 +234,6 @@ class KVTable(TableHandle):
             raise InvalidArgument(f"seed must be an int, got {seed!r}")
         spec = context.table_spec(self.kind, (dim,), dtype, updater, updater_options, consistency, staleness)
         init_option = check_init(init, np.dtype(spec.dtype))
-        check_updater(spec.updater, spec.options)
         name = runtime.table_name(name)  # now, not sooner: the seed needs it; invalid arguments raised above
         spec = dataclasses.replace(spec, table_options={
             "init": init_option, "init_seed": table_seed(name, seed),

@@ -10,7 +10,6 @@ from multiverso_py.tables.base import TableSpec, as_array, as_index, check_shape
 from multiverso_py.tables.ranges import DenseRowShard, RangeTableHandle, range_layout
 
 from multiverso_py import context
-from multiverso_py.updaters import check_updater
 
 
 def layout(spec: TableSpec, num_servers: int) -> dict:
@@ -35,7 +34,6 @@ class MatrixTable(RangeTableHandle):
                  staleness: Optional[int] = None, seed: Optional[int] = None, **updater_options: Any):
         runtime = context.current()
         spec = context.table_spec(self.kind, (num_rows, num_cols), dtype, updater, updater_options, consistency, staleness)
-        check_updater(spec.updater, spec.options)
         self.num_rows, self.num_cols = spec.shape
         self.shape = spec.shape
         super().__init__(runtime, name, spec, (self.num_cols,), init, init_value, seed)
