@@ -217,6 +217,8 @@ class Server:
         if any(pid not in table.partitions for pid, _, _ in parts):
             conn.send(MsgType.MOVED, frame.req_id, {"map": table.map_version})
             return
+        for _, args, arrays in parts:
+            args["w"] = body["client"]  # shards that keep per-worker state learn the worker here, not from the client
         job_parts = [(pid, table.partitions[pid], args, arrays) for pid, args, arrays in parts]
         partitions = list({id(p): p for _, p, _, _ in job_parts}.values())
         self.turns.arrive(_Job(self, conn, frame, job_parts, partitions))

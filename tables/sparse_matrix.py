@@ -26,8 +26,8 @@ def make_shard(spec: TableSpec, layout: dict, pid: int) -> "SparseRowShard":
 
 
 class SparseRowShard(DenseRowShard):
-    """Dense rows plus change tracking. A get carries args {"w": worker id} and
-    optionally {"all": True} (send every row asked for: the worker's cache is empty);
+    """Dense rows plus change tracking. The server names the requesting worker in args
+    {"w": id}; a get may carry {"all": True} (send every row asked for: the worker's cache is empty);
     it replies [row ids, rows] for the rows that worker has not seen since they changed."""
 
     def __init__(self, spec: TableSpec, row_shape: tuple, lo: int, hi: int):
@@ -106,7 +106,7 @@ class SparseMatrixTable(MatrixTable):
         rows = self._rows(row_ids)
         shape = self.shape if rows is None else (len(rows), self.num_cols)
         result = result_array(out, shape, self.dtype)
-        args = {"w": self._runtime.worker_id, "all": True} if self._shared.cold else {"w": self._runtime.worker_id}
+        args = {"all": True} if self._shared.cold else {}
         self._shared.cold = False
         row_bytes = 8 + self.num_cols * self.dtype.itemsize  # a row id and its values, if it changed
         if rows is None:
