@@ -11,7 +11,7 @@ from multiverso_py.errors import InvalidArgument, NotInitialized
 from multiverso_py.tables.base import TABLE_DTYPES, Runtime, TableSpec
 from multiverso_py.updaters import check_updater
 
-CONSISTENCY_MODELS = ("async",)
+CONSISTENCY_MODELS = ("async", "ssp", "bsp")
 
 _runtime: Optional[Runtime] = None
 _defaults: dict[str, Any] = {"consistency": "async", "staleness": 0}
