@@ -167,9 +167,9 @@ def barrier() -> None:
 
 
 def clock() -> None:
-    """This worker finished an iteration. All tables are asynchronous for now, so there
-    is no clock to advance yet; the call checks that a job is running."""
-    _client()
+    """This worker finished an iteration: advance its clock on every server (what SSP and
+    BSP tables wait on; async tables ignore it). Adds issued before count at the old clock."""
+    _client().clock()
 
 
 __all__ = ["init", "shutdown", "worker_id", "workers_num", "servers_num", "is_master_worker", "barrier", "clock",

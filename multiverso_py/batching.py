@@ -1,5 +1,5 @@
 """How a worker's Parts become messages: bounded chunks for big requests, one message for
-many small adds. Pure functions over Parts; no I/O.
+many small adds (gathered per table in OpenBatches). No I/O.
 
 Parts follow the tables' convention: an add part carries [values] for a whole partition
 or [index, values] for some of its rows or keys; a get part carries [] or [index].
@@ -7,7 +7,9 @@ or [index, values] for some of its rows or keys; a get part carries [] or [index
 
 from __future__ import annotations
 
-from typing import Iterable
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -80,3 +82,48 @@ def merge_adds(parts: list[Part]) -> list[Part]:
         else:
             merged.append(Part(pid, arrays=[np.concatenate([p.arrays[i] for p in group]) for i in range(width)]))
     return merged
+
+
+@dataclass
+class Batch:
+    """Small adds to one table, gathered on the caller's side until the I/O thread takes
+    them (at its next turn) or they reach BATCH_BYTES. They share one message per server
+    and one call: each add_async of the batch returns its future."""
+
+    call: Any
+    parts: list[Part] = field(default_factory=list)
+    nbytes: int = 0
+    count: int = 0
+
+
+class OpenBatches:
+    """The open batch of each table; callers join them, the I/O thread takes them."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, Batch] = {}
+        self._lock = threading.Lock()
+
+    def join(self, table_id: int, parts: list[Part], nbytes: int, open_batch: Callable[[], Batch]) -> Batch:
+        """Add a small add's parts to its table's open batch; open_batch() makes a new one
+        (and schedules its sending) under the lock, so batches go out in the order opened."""
+        with self._lock:
+            batch = self._open.get(table_id)
+            if batch is None:
+                batch = self._open[table_id] = open_batch()
+            batch.parts.extend(parts)
+            batch.nbytes += nbytes
+            batch.count += 1
+            if batch.nbytes >= BATCH_BYTES:
+                del self._open[table_id]
+            return batch
+
+    def close(self, table_id: int, batch: Batch | None = None) -> None:
+        """Later adds to the table start a new batch (if `batch` is given: only if it is
+        still the open one)."""
+        with self._lock:
+            if batch is None or self._open.get(table_id) is batch:
+                self._open.pop(table_id, None)
+
+    def close_all(self) -> None:
+        with self._lock:
+            self._open.clear()

@@ -13,16 +13,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from multiverso_py.acks import AddTracker
-from multiverso_py.batching import BATCH_BYTES, chunk_messages, merge_adds, part_bytes, split_large
+from multiverso_py.batching import BATCH_BYTES, Batch, OpenBatches, chunk_messages, merge_adds, part_bytes, split_large
 from multiverso_py.errors import ConnectionLost, MultiversoError, RequestTimeout, exception_for
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
 from multiverso_py.tables.base import OnReply, Part, TableInfo, TableSpec
@@ -62,23 +61,13 @@ class _Pending:
 
 
 @dataclass
-class _Batch:
-    """Small adds to one table, gathered on the caller's side until the I/O thread takes
-    them (at its next turn) or they reach BATCH_BYTES. They share one message per server
-    and one future: each add_async of the batch returns it."""
-
-    call: _Op
-    parts: list[Part] = field(default_factory=list)
-    nbytes: int = 0
-    count: int = 0
-
-
-@dataclass
 class _Control:
-    """A request to the scheduler, awaited on the loop."""
+    """A control request (to the scheduler, or a clock to a server), awaited on the loop."""
 
     future: asyncio.Future
     what: str
+    conn: Connection
+    who: str
 
 
 @dataclass
@@ -105,8 +94,7 @@ class Client:
         self._seq = itertools.count(1)
         self._unnamed_tables = itertools.count()
         self._acks = AddTracker()
-        self._open_batches: dict[int, _Batch] = {}  # table id -> small adds not yet taken by the loop
-        self._batch_lock = threading.Lock()
+        self._batches = OpenBatches()
         self.batched_adds = 0  # adds that went out in a batch, for tests and benchmarks
         self._sweeper: Optional[asyncio.Task] = None
         self._leaving = False
@@ -134,6 +122,18 @@ class Client:
         """A request to the scheduler from the calling thread; returns the reply's data."""
         return self.io.run(self._ask_scheduler(msg_type, body, what))
 
+    def clock(self) -> None:
+        """Tell every server that this worker finished a clock. Adds issued before it count
+        at the old clock: open batches close now and go out ahead of the clock messages
+        (the loop runs their sends first), and each connection keeps their order."""
+        self._batches.close_all()
+        self.io.run(self._clock_all())
+
+    async def _clock_all(self) -> None:
+        await asyncio.gather(*(self._ask(conn, f"server {sid} ({self.servers[sid]})", MsgType.CLOCK,
+                                         {"client": self.worker_id}, "mv.clock()")
+                               for sid, conn in self._conns.items()))
+
     # ------------------------------------------------------------ Runtime interface
     def table_name(self, name: Optional[str]) -> str:
         """A table's name: its own, or by creation order, so workers creating tables in the
@@ -154,23 +154,17 @@ class Client:
         batch; anything else closes that batch first, so one table's calls take effect in
         the order issued."""
         nbytes = sum(part_bytes(p) for p in parts) if op == "add" else BATCH_BYTES
-        with self._batch_lock:
-            batch = self._open_batches.get(info.table_id)
-            if nbytes < BATCH_BYTES:
-                if batch is None:
-                    batch = self._open_batches[info.table_id] = _Batch(self._new_op(op, info, None, None, None))
-                    self.io.call_soon(self._send_batch, info.table_id, batch)
-                batch.parts.extend(parts)
-                batch.nbytes += nbytes
-                batch.count += 1
-                if batch.nbytes >= BATCH_BYTES:
-                    del self._open_batches[info.table_id]
-                return batch.call.future
-            if batch is not None:
-                del self._open_batches[info.table_id]
+        if nbytes < BATCH_BYTES:
+            return self._batches.join(info.table_id, parts, nbytes, lambda: self._open_batch(info)).call.future
+        self._batches.close(info.table_id)
         call = self._new_op(op, info, on_reply, result, finish)
         self.io.call_soon(self._send_op, call, parts)
         return call.future
+
+    def _open_batch(self, info: TableInfo) -> Batch:
+        batch = Batch(self._new_op("add", info, None, None, None))
+        self.io.call_soon(self._send_batch, info.table_id, batch)
+        return batch
 
     def _new_op(self, op: str, info: TableInfo, on_reply: Optional[OnReply], result: Any,
                 finish: Optional[Callable[[Any], Any]]) -> _Op:
@@ -211,15 +205,18 @@ class Client:
         return Connection(self._on_frame, self._on_close, self.config.limits, self._allocate)
 
     async def _ask_scheduler(self, msg_type: MsgType, body: dict, what: str) -> Any:
-        if self._scheduler is None or self._scheduler.closed:
-            raise ConnectionLost(f"{what}: the connection to the scheduler is closed")
+        return await self._ask(self._scheduler, "the scheduler", msg_type, body, what)
+
+    async def _ask(self, conn: Optional[Connection], who: str, msg_type: MsgType, body: dict, what: str) -> Any:
+        if conn is None or conn.closed:
+            raise ConnectionLost(f"{what}: the connection to {who} is closed")
         req_id = next(self._req_ids)
-        control = self._control[req_id] = _Control(asyncio.get_running_loop().create_future(), what)
-        self._scheduler.send(msg_type, req_id, body)
+        control = self._control[req_id] = _Control(asyncio.get_running_loop().create_future(), what, conn, who)
+        conn.send(msg_type, req_id, body)
         try:
             reply = await asyncio.wait_for(control.future, self.timeout)
         except asyncio.TimeoutError:
-            raise RequestTimeout(f"{what}: no answer from the scheduler within {self.timeout}s") from None
+            raise RequestTimeout(f"{what}: no answer from {who} within {self.timeout}s") from None
         finally:
             self._control.pop(req_id, None)
         return reply.get("data") if reply else None
@@ -237,12 +234,10 @@ class Client:
         for sid, group in messages:
             self._send_message(call, sid, group)
 
-    def _send_batch(self, table_id: int, batch: _Batch) -> None:
+    def _send_batch(self, table_id: int, batch: Batch) -> None:
         """Close a batch (later adds start a new one) and send it, merged where the updater
         allows, one message per server."""
-        with self._batch_lock:
-            if self._open_batches.get(table_id) is batch:
-                del self._open_batches[table_id]
+        self._batches.close(table_id, batch)
         spec = batch.call.info.spec
         self.batched_adds += batch.count
         self._send_op(batch.call, merge_adds(batch.parts) if is_additive(spec.updater) else batch.parts)
@@ -354,10 +349,10 @@ class Client:
             call.future.set_exception(exc)
 
     def _on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        for control in self._control.values():
+            if control.conn is conn and not control.future.done():
+                control.future.set_exception(ConnectionLost(f"{control.what}: {control.who} closed the connection"))
         if conn is self._scheduler:
-            for control in self._control.values():
-                if not control.future.done():
-                    control.future.set_exception(ConnectionLost(f"{control.what}: the scheduler closed the connection"))
             if not self._leaving:
                 log.error("lost the connection to the scheduler")
             return
@@ -385,5 +380,14 @@ class Client:
                 call = pending.op
                 self._fail(call, RequestTimeout(
                     f"{call.name} on table {call.info.name!r}: no reply from server {pending.server} "
-                    f"({self.servers[pending.server]}) within {self.timeout}s"))
+                    f"({self.servers[pending.server]}) within {self.timeout}s{_held_hint(call)}"))
+
+
+def _held_hint(call: _Op) -> str:
+    """Why a get may wait that long: its table's consistency holds it for slow workers."""
+    model = call.info.spec.consistency
+    if call.name != "get" or model == "async":
+        return ""
+    return (f"; a {model} get waits until the slowest live worker's clock catches up: is a worker stuck, "
+            f"or not calling mv.clock() as often as the others?")
 

@@ -47,6 +47,9 @@ class MsgType(enum.IntEnum):
     HEARTBEAT = 26
     LEAVE = 27
     SHUTDOWN = 28
+    # consistency: worker -> server (a worker finished a clock), scheduler -> server
+    CLOCK = 29
+    WORKER_LEFT = 30
 
 
 TABLE_OPS = frozenset({MsgType.GET, MsgType.ADD, MsgType.SET})
@@ -85,10 +88,13 @@ SCHEMAS: dict[MsgType, _Schema] = {
         "layout": ((dict,), True),
         "partitions": ((list,), True),
         "map": (_INT, True),
+        "workers": ((list,), True),  # the live workers, whose clocks the table's consistency counts
     },
     MsgType.HEARTBEAT: {},
     MsgType.LEAVE: {},
     MsgType.SHUTDOWN: {},
+    MsgType.CLOCK: {"client": (_INT, True)},
+    MsgType.WORKER_LEFT: {"worker": (_INT, True)},
 }
 # A part of a table operation or of its reply: one partition's slice of the request.
 _PART_SCHEMA: _Schema = {

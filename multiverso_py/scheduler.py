@@ -198,7 +198,8 @@ class Scheduler:
             await asyncio.gather(*(
                 self._ask_server(sid, MsgType.CREATE_SHARDS, {
                     "table": table_id, "spec": spec.to_wire(), "layout": layout,
-                    "partitions": [p for p, owner in enumerate(owners) if owner == sid], "map": entry.map_version})
+                    "partitions": [p for p, owner in enumerate(owners) if owner == sid], "map": entry.map_version,
+                    "workers": sorted(self.workers)})
                 for sid in server_ids))
         except (MultiversoError, asyncio.TimeoutError) as exc:
             entry.error = MultiversoError(f"creating table {name!r} on the servers failed: {exc}")
@@ -275,6 +276,8 @@ class Scheduler:
         if self.workers.pop(node.node_id, None) is None:
             return
         log.info("worker %d %s; %d live worker(s) remain", node.node_id, why, len(self.workers))
+        for server in self.servers.values():  # its clock no longer holds back SSP and BSP tables
+            server.conn.send(MsgType.WORKER_LEFT, 0, {"worker": node.node_id})
         self._barrier = [(c, r) for c, r in self._barrier if c.context is not node]
         self._release_barrier()
         if not self.workers and self._admitted == self.config.workers:

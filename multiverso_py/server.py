@@ -4,7 +4,8 @@ The event loop only reads, validates and routes frames; table work runs on a thr
 A request runs as one job once it has its turn on every partition it touches, so
 operations on one partition run in arrival order while requests on different partitions
 run in parallel. A partition remembers the last sequence number it applied per client,
-so a retried add is applied once.
+so a retried add is applied once. Before that, each table's vector clock (see
+multiverso_py.consistency) may hold a request until the slowest worker catches up.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from multiverso_py import tables
+from multiverso_py.consistency import Kind, Model, TableClock
 from multiverso_py.errors import ErrorCode, MultiversoError, ProtocolError, code_for
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
 from multiverso_py.tables.base import TableSpec
@@ -84,6 +86,10 @@ class Table:
     spec: TableSpec
     map_version: int
     partitions: dict[int, Partition]
+    clock: TableClock
+
+
+_KINDS = {MsgType.GET: Kind.GET, MsgType.ADD: Kind.ADD, MsgType.SET: Kind.SET}
 
 
 class _Job:
@@ -101,6 +107,12 @@ class _Job:
         self.waiting = 0
         self.results: list[Any] = []
         self.error: Optional[BaseException] = None
+        self.acknowledged = False  # a held add is acknowledged when held, not when applied
+
+    def acknowledge(self) -> None:
+        parts, _ = pack_parts([(pid, {}, []) for pid, _, _, _ in self.parts])
+        self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts})
+        self.acknowledged = True
 
     def run(self) -> None:
         op, body = self.frame.type, self.frame.body
@@ -135,6 +147,8 @@ class _Job:
             log.exception("%s failed", what)
 
     def reply(self) -> None:
+        if self.acknowledged:
+            return  # a failure was logged; the worker, told of success already, has moved on
         if self.error is None:
             try:
                 parts, buffers = pack_parts(self.results)
@@ -165,10 +179,13 @@ class Server:
         self._connections: set[Connection] = set()
         self._closed: Optional[asyncio.Event] = None
         self._register_reply: Optional[asyncio.Future] = None
+        self._clocks: dict[int, int] = {}  # worker -> clocks it finished; new tables start from these
+        self._left: set[int] = set()  # workers that left the job or were declared dead
         self._handlers = {
             MsgType.GET: self._table_op,
             MsgType.ADD: self._table_op,
             MsgType.SET: self._table_op,
+            MsgType.CLOCK: self._clock,
             MsgType.HEARTBEAT: lambda conn, frame: conn.send(MsgType.REPLY, frame.req_id),
         }
 
@@ -221,7 +238,32 @@ class Server:
             args["w"] = body["client"]  # shards that keep per-worker state learn the worker here, not from the client
         job_parts = [(pid, table.partitions[pid], args, arrays) for pid, args, arrays in parts]
         partitions = list({id(p): p for _, p, _, _ in job_parts}.values())
-        self.turns.arrive(_Job(self, conn, frame, job_parts, partitions))
+        job = _Job(self, conn, frame, job_parts, partitions)
+        try:
+            now = table.clock.admit(body["client"], _KINDS[frame.type], lambda: self.turns.arrive(job))
+        except MultiversoError as exc:
+            conn.send_error(frame.req_id, code_for(exc), str(exc))
+            return
+        if now:
+            self.turns.arrive(job)
+        elif frame.type is MsgType.ADD:
+            job.acknowledge()  # so that flushes and barriers never wait for other workers' clocks
+
+    def _clock(self, conn: Connection, frame: Frame) -> None:
+        worker = frame.body["client"]
+        if worker in self._left:
+            conn.send_error(frame.req_id, ErrorCode.BAD_REQUEST, f"worker {worker} has left the job")
+            return
+        self._clocks[worker] = self._clocks.get(worker, 0) + 1
+        for table in self.tables.values():
+            table.clock.tick(worker)
+        conn.send(MsgType.REPLY, frame.req_id)
+
+    def _worker_left(self, worker: int) -> None:
+        self._left.add(worker)
+        self._clocks.pop(worker, None)
+        for table in self.tables.values():
+            table.clock.drop(worker)
 
     def after_flush(self, conn: Connection, callback: Callable[[], None]) -> None:
         """Run callback once conn has sent its replies; drop a reader that stalls."""
@@ -260,6 +302,8 @@ class Server:
                 conn.send_error(frame.req_id, code_for(exc), str(exc))
                 return
             conn.send(MsgType.REPLY, frame.req_id)
+        elif frame.type is MsgType.WORKER_LEFT:
+            self._worker_left(frame.body["worker"])
         elif frame.type is MsgType.SHUTDOWN:
             log.info("server %s: the scheduler ended the job", self.server_id)
             self.close()
@@ -273,8 +317,10 @@ class Server:
 
     def _create_shards(self, body: dict) -> None:
         spec = TableSpec.from_wire(body["spec"])
+        clocks = {w: self._clocks.get(w, 0) for w in body["workers"] if type(w) is int and w not in self._left}
+        clock = TableClock(Model(spec.consistency), spec.staleness, clocks)
         shards = {pid: Partition(tables.make_shard(spec, body["layout"], pid)) for pid in body["partitions"]}
-        self.tables[body["table"]] = Table(spec, body["map"], shards)
+        self.tables[body["table"]] = Table(spec, body["map"], shards, clock)
         log.info("server %s holds partitions %s of table %s", self.server_id, body["partitions"], body["table"])
 
     # -- life cycle

@@ -327,14 +327,16 @@ def test_unknown_message_type_is_refused(job: LiveJob) -> None:
 # ---------------------------------------------------------------- (h) control messages
 
 
-@pytest.mark.parametrize("op", [MsgType.BARRIER, MsgType.CREATE_SHARDS, MsgType.SHUTDOWN], ids=lambda op: op.name)
+@pytest.mark.parametrize("op", [MsgType.BARRIER, MsgType.CREATE_SHARDS, MsgType.SHUTDOWN, MsgType.WORKER_LEFT],
+                         ids=lambda op: op.name)
 def test_control_message_a_server_does_not_handle(job: LiveJob, op: MsgType) -> None:
     body = {
         MsgType.BARRIER: {},
         MsgType.SHUTDOWN: {},
+        MsgType.WORKER_LEFT: {"worker": 0},  # would stop counting a live worker's clock
         # would replace the live table's shard, were it accepted from a worker connection
         MsgType.CREATE_SHARDS: {"table": job.table_id, "spec": job.table._info.spec.to_wire(),
-                                "layout": {"bounds": [0, SIZE]}, "partitions": [0], "map": 1},
+                                "layout": {"bounds": [0, SIZE]}, "partitions": [0], "map": 1, "workers": [0]},
     }[op]
     mark = len(job.log())
     answer = send_raw(server(job), encode_bytes(op, 45, body))
