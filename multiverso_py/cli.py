@@ -25,6 +25,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value < 65536:
@@ -67,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="example: multiverso-py run --workers 2 --servers 2 -- python train.py")
     run.add_argument("--workers", type=_positive, default=1, help="copies of CMD to run (default: 1)")
     run.add_argument("--servers", type=_positive, default=1, help="servers to start (default: 1)")
-    run.add_argument("--consistency", choices=["async"], help="default consistency model (MV_CONSISTENCY)")
-    run.add_argument("--staleness", type=int, help="default SSP staleness (MV_STALENESS)")
+    run.add_argument("--consistency", choices=["async", "ssp", "bsp"],
+                     help="default consistency model of the job's tables (MV_CONSISTENCY; default: async)")
+    run.add_argument("--staleness", type=_non_negative, help="default SSP staleness in clocks (MV_STALENESS)")
     run.add_argument("--timeout", type=float, help="request timeout in seconds for the workers (MV_TIMEOUT)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the worker command")
     return parser
