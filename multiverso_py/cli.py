@@ -25,6 +25,7 @@ def _at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
+    parse.__name__ = "int"  # argparse says "invalid int value: 'x'"
     return parse
 
 
