@@ -32,6 +32,13 @@ def _at_least(low: int):
 _positive, _non_negative = _at_least(1), _at_least(0)
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value < 65536:
@@ -57,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="workers start once this many servers have registered (default: 1)")
     sched.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     sched.add_argument("--ready-file", help="write HOST:PORT here once listening (for launchers)")
+    sched.add_argument("--heartbeat-timeout", type=_seconds, default=SchedulerConfig.heartbeat_timeout,
+                       help="declare a worker dead when it sends nothing, not even a heartbeat, for this "
+                            f"many seconds (default: {SchedulerConfig.heartbeat_timeout:g})")
 
     serv = sub.add_parser("server", help="run a server that holds table partitions",
                           description="Hold table partitions and apply gets and adds from workers.")
@@ -77,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--consistency", choices=["async", "ssp", "bsp"],
                      help="default consistency model of the job's tables (MV_CONSISTENCY; default: async)")
     run.add_argument("--staleness", type=_non_negative, help="default SSP staleness in clocks (MV_STALENESS)")
-    run.add_argument("--timeout", type=float, help="request timeout in seconds for the workers (MV_TIMEOUT)")
+    run.add_argument("--timeout", type=_seconds, help="request timeout in seconds for the workers (MV_TIMEOUT)")
+    run.add_argument("--heartbeat-timeout", type=_seconds,
+                     help=f"declare a silent worker dead after this many seconds "
+                          f"(default: {SchedulerConfig.heartbeat_timeout:g})")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the worker command")
     return parser
 
@@ -94,7 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not cmd:
                 parser.error("run needs a command after --, e.g. multiverso-py run --workers 2 -- python train.py")
             return launch(cmd, args.workers, args.servers, consistency=args.consistency,
-                          staleness=args.staleness, timeout=args.timeout, log_level=args.log_level)
+                          staleness=args.staleness, timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
+                          log_level=args.log_level)
         return _run_async(_scheduler(args) if args.command == "scheduler" else _server(args))
     except MultiversoError as exc:
         log.error("%s", exc)
@@ -130,7 +144,8 @@ def _warn_if_public(host: str) -> None:
 
 async def _scheduler(args: argparse.Namespace) -> int:
     _warn_if_public(args.host)
-    scheduler = Scheduler(SchedulerConfig(workers=args.workers, servers=args.servers, host=args.host, port=args.port))
+    scheduler = Scheduler(SchedulerConfig(workers=args.workers, servers=args.servers, host=args.host, port=args.port,
+                                          heartbeat_timeout=args.heartbeat_timeout))
     _write_ready(args.ready_file, await scheduler.start())
     _on_signals(scheduler.finish)
     await scheduler.wait_done()

@@ -97,6 +97,7 @@ class Client:
         self._batches = OpenBatches()
         self.batched_adds = 0  # adds that went out in a batch, for tests and benchmarks
         self._sweeper: Optional[asyncio.Task] = None
+        self._heartbeat: Optional[asyncio.Task] = None
         self._leaving = False
 
     # ------------------------------------------------------------ life cycle (any thread)
@@ -186,7 +187,9 @@ class Client:
         for sid, host, port in data["servers"]:
             self._conns[sid] = await open_connection(host, port, self._connection, self.timeout)
             self._conns[sid].context = sid
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep())
+        self._heartbeat = loop.create_task(self._beat(data["heartbeat"]))
         log.info("worker %d of %d joined; %d server(s)", self.worker_id, self.workers_num, len(self.servers))
 
     async def _leave(self) -> None:
@@ -195,8 +198,9 @@ class Client:
             if self._scheduler is not None and not self._scheduler.closed:
                 await self._ask_scheduler(MsgType.LEAVE, {}, "leaving the job")
         finally:
-            if self._sweeper is not None:
-                self._sweeper.cancel()
+            for task in (self._sweeper, self._heartbeat):
+                if task is not None:
+                    task.cancel()
             for conn in [*self._conns.values(), self._scheduler]:
                 if conn is not None:
                     conn.close()
@@ -221,14 +225,16 @@ class Client:
             self._control.pop(req_id, None)
         return reply.get("data") if reply else None
 
-    def _send_op(self, call: _Op, parts: list[Part]) -> None:
+    def _send_op(self, call: _Op, parts: list[Part], resent: bool = False) -> None:
+        """Send a call's parts, or (resent) those of one of its messages again, in bounded
+        messages to the servers that own them."""
         if call.future.done():
             return
         by_server: dict[int, list[Part]] = {}
         for part in split_large(parts):
             by_server.setdefault(call.info.owners[part.pid], []).append(part)
         messages = [(sid, group) for sid, server_parts in by_server.items() for group in chunk_messages(server_parts)]
-        call.left += len(messages)
+        call.left += len(messages) - resent
         if not messages:
             self._complete(call)
         for sid, group in messages:
@@ -337,12 +343,7 @@ class Client:
             self._fail(call, exc)
             return
         call.info.owners, call.info.map_version = data["owners"], data["map"]
-        by_server: dict[int, list[Part]] = {}
-        for part in pending.parts:
-            by_server.setdefault(call.info.owners[part.pid], []).append(part)
-        call.left += len(by_server) - 1
-        for sid, parts in by_server.items():
-            self._send_message(call, sid, parts)
+        self._send_op(call, pending.parts, resent=True)
 
     def _fail(self, call: _Op, exc: BaseException) -> None:
         if not call.future.done():
@@ -366,6 +367,12 @@ class Client:
                     f"({self.servers.get(sid, '?')}) lost"))
         if not self._leaving:
             log.error("lost the connection to server %s", sid)
+
+    async def _beat(self, interval: float) -> None:
+        """Tell the scheduler this worker lives, from the I/O thread, whatever training does."""
+        while self._scheduler is not None and not self._scheduler.closed:
+            self._scheduler.send(MsgType.HEARTBEAT, 0)  # request id 0: the reply is dropped
+            await asyncio.sleep(interval)
 
     async def _sweep(self) -> None:
         """Fail requests past their deadline (pending is in deadline order)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,7 +27,13 @@ class SchedulerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     timeout: float = 60.0  # how long a table may wait for its master worker's content
+    heartbeat_timeout: float = 30.0  # a worker silent this long is declared dead
     limits: Limits = DEFAULT_LIMITS
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often workers send a heartbeat: a few may be late before one is declared dead."""
+        return self.heartbeat_timeout / 5
 
 
 @dataclass
@@ -35,6 +42,7 @@ class _Node:
     node_id: int
     conn: Connection
     address: str = ""
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -72,6 +80,7 @@ class Scheduler:
         self._barrier: list[tuple[Connection, int]] = []
         self._listener: Optional[asyncio.base_events.Server] = None
         self._done: Optional[asyncio.Event] = None
+        self._watch: Optional[asyncio.Task] = None
         self._handlers = {
             MsgType.REGISTER: self._register,
             MsgType.BARRIER: self._enter_barrier,
@@ -91,6 +100,7 @@ class Scheduler:
             lambda: Connection(self._on_frame, self._on_close, self.config.limits), self.config.host, self.config.port)
         host, port = self._listener.sockets[0].getsockname()[:2]
         self.address = f"{host}:{port}"
+        self._watch = loop.create_task(self._watch_workers())
         log.info("scheduler listening on %s for %d worker(s), %d server(s)", self.address,
                  self.config.workers, self.config.servers)
         return self.address
@@ -111,6 +121,8 @@ class Scheduler:
         if frame.type not in (MsgType.REGISTER, MsgType.REPLY, MsgType.ERROR, MsgType.HEARTBEAT) and conn.context is None:
             conn.send_error(frame.req_id, ErrorCode.BAD_REQUEST, "register before sending " + frame.type.name)
             return
+        if conn.context is not None:
+            conn.context.last_seen = time.monotonic()
         handler(conn, frame)
 
     # -- registration
@@ -154,8 +166,10 @@ class Scheduler:
             taken.add(node.node_id)
             self._admitted += 1
             self.workers[node.node_id] = node
+            node.last_seen = time.monotonic()
             conn.send(MsgType.REPLY, req_id, {"data": {"id": node.node_id, "workers": self.config.workers,
-                                                        "servers": servers}})
+                                                        "servers": servers,
+                                                        "heartbeat": self.config.heartbeat_interval}})
         self._waiting_workers.clear()
         log.info("all %d worker(s) registered; the job starts", self.config.workers)
 
@@ -272,6 +286,17 @@ class Scheduler:
         elif self.servers.get(node.node_id) is node and not self._done.is_set():
             log.error("server %d at %s disconnected", node.node_id, node.address)
 
+    async def _watch_workers(self) -> None:
+        """Declare dead the workers that sent nothing, not even a heartbeat, for
+        heartbeat_timeout: a hung or stopped process holds no barrier or clock forever."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval / 2)
+            silent_since = time.monotonic() - self.config.heartbeat_timeout
+            for node in [n for n in self.workers.values() if n.last_seen < silent_since]:
+                log.warning("worker %d sent nothing for %ss: declared dead", node.node_id, self.config.heartbeat_timeout)
+                self._drop_worker(node, "was declared dead")
+                node.conn.abort()
+
     def _drop_worker(self, node: _Node, why: str) -> None:
         if self.workers.pop(node.node_id, None) is None:
             return
@@ -289,6 +314,8 @@ class Scheduler:
             return
         log.info("all workers left; shutting the job down")
         self._done.set()
+        if self._watch is not None:
+            self._watch.cancel()
         for node in self.servers.values():
             node.conn.send(MsgType.SHUTDOWN, 0)
         if self._listener is not None:

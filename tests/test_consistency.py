@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -258,23 +259,69 @@ mv.shutdown()
 """
 
 
+def start_workers(script: Path, cluster: testing.LocalCluster) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, str(script)], env={**os.environ, **cluster.worker_env(rank)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank in range(cluster.workers)]
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
 def test_a_worker_killed_with_sigkill_does_not_stall_bsp(tmp_path: Path) -> None:
     script = write_script(tmp_path, KILLED_WORKER)
     with testing.LocalCluster(workers=2, servers=1) as cluster:
-        procs = [subprocess.Popen([sys.executable, str(script)], env={**os.environ, **cluster.worker_env(rank)},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+        procs = start_workers(script, cluster)
         try:
             outputs = [p.communicate(timeout=RUN_TIMEOUT)[0] for p in procs]
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            stop_all(procs)
     assert procs[1].returncode == -9, outputs[1]
     assert procs[0].returncode == 0, outputs[0] + cluster.log.getvalue()
     seen = saved(tmp_path, "seen", [0])[0]
     # worker 1's adds at clocks 0 and 1 count (both were acknowledged); it counts no more after
     assert seen == [[float(c), min(c, 2.0)] for c in range(5)], seen
+
+
+STOPPED_WORKER = """
+mv.init(timeout=30)
+w = mv.worker_id()
+table = mv.ArrayTable(2, dtype="float64", name="bsp", consistency="bsp")
+seen = []
+for c in range(4):
+    seen.append(table.get().tolist())
+    delta = np.zeros(2)
+    delta[w] = 1.0
+    table.add(delta)
+    mv.clock()
+    if w == 1:  # hangs after its first clock (its I/O thread would go on sending heartbeats)
+        (HERE / "hanging").write_text("")
+        time.sleep(RUN_TIMEOUT)
+save("seen", seen)
+mv.shutdown()
+"""
+
+
+def test_a_hung_worker_is_declared_dead_by_heartbeat_and_stops_counting(tmp_path: Path) -> None:
+    script = write_script(tmp_path, f"RUN_TIMEOUT = {RUN_TIMEOUT}\n" + STOPPED_WORKER)
+    with testing.LocalCluster(workers=2, servers=1, heartbeat_timeout=1.0) as cluster:
+        procs = start_workers(script, cluster)
+        try:
+            assert testing.wait_for(lambda: (tmp_path / "hanging").exists(), 30), "worker 1 never got to clock 1"
+            # busy but alive (its heartbeats go on): never declared dead, however long it takes
+            assert not testing.wait_for(lambda: "declared dead" in cluster.log.getvalue(), 2.5)
+            os.kill(procs[1].pid, signal.SIGSTOP)  # no more heartbeats: the scheduler must give up on it
+            output = procs[0].communicate(timeout=RUN_TIMEOUT)[0]
+        finally:
+            stop_all(procs)
+        assert procs[0].returncode == 0, output + cluster.log.getvalue()
+        assert "worker 1 sent nothing for 1.0s: declared dead" in cluster.log.getvalue()
+    # worker 1 finished clock 0 only: its one add counts from clock 1 on
+    assert saved(tmp_path, "seen", [0])[0] == [[0.0, 0.0], [1.0, 1.0], [2.0, 1.0], [3.0, 1.0]]
 
 
 def test_ssp_and_bsp_in_an_embedded_job() -> None:
