@@ -62,9 +62,9 @@ def table_spec(kind: str, shape: tuple, dtype: Any, updater: str, options: dict,
         name = str(dtype)
     if name not in TABLE_DTYPES:
         raise InvalidArgument(f"dtype {dtype!r} is not one of {', '.join(TABLE_DTYPES)}")
-    check_updater(updater, options)
+    options = check_updater(updater, options, name)  # with its defaults: workers that spell them out agree
     return TableSpec(
-        kind, shape, name, updater, dict(options),
+        kind, shape, name, updater, options,
         check_consistency(consistency or _defaults["consistency"]),
         check_staleness(_defaults["staleness"] if staleness is None else staleness),
         dict(table_options or {}),

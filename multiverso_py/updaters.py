@@ -1,47 +1,31 @@
 """Server-side updaters: how a pushed delta changes the stored values of a shard.
 
 An updater owns the optimizer state of one shard, sized to it, and applies a delta to the
-whole shard or to some of its rows. Rows repeated in one add are summed first.
+whole shard or to some of its rows. Rows repeated in one add are summed first. The
+registry here is what tables and the worker runtime use: make an updater for a shard,
+check a table's updater and options at creation, check a per-call learning rate.
+
+    add       w += d                                          (no options)
+    sgd       w -= lr * d                                     lr
+    momentum  v = mu * v + d; w -= lr * v                     lr, momentum
+    adagrad   G += d*d; w -= lr * d / (sqrt(G) + eps)         lr, eps
+    adam      torch.optim.Adam, step count per row            lr, betas, eps
+    ftrl      FTRL-Proximal, per coordinate                   alpha (= lr), beta, l1, l2
+    dcasgd    w -= lr * (d + lam * d*d * (w - w_bak[worker])) lr, lam
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from multiverso_py.errors import InvalidArgument
+from multiverso_py.optimizers import DCASGD, FTRL, SGD, AdaGrad, Adam, Momentum
+from multiverso_py.updater_base import Rows, Updater, add_rows, check_lr, sum_repeats
 
-
-class Updater:
-    """Base: `apply(delta, rows, args)` updates `self.data` in place, where rows is None
-    (all of them), a slice (a span of them) or an int64 array of row numbers (repeats sum)."""
-
-    name = ""
-    option_names: frozenset[str] = frozenset()
-    # Applying d1 then d2 equals applying d1 + d2: the client may merge queued adds.
-    additive = False
-
-    def __init__(self, data: np.ndarray, options: dict):
-        unknown = set(options) - self.option_names
-        if unknown:
-            raise InvalidArgument(
-                f"updater {self.name!r} takes no option {', '.join(sorted(unknown))}; "
-                f"it accepts: {', '.join(sorted(self.option_names)) or 'none'}"
-            )
-        self.data = data
-
-    def apply(self, delta: np.ndarray, rows: Optional[np.ndarray], args: dict) -> None:
-        raise NotImplementedError
-
-    def state(self) -> dict[str, np.ndarray]:
-        """Arrays of optimizer state, for checkpoints."""
-        return {}
-
-    def resize(self, data: np.ndarray) -> None:
-        """The shard grew (a hash table's storage): `data` replaces `self.data`, its first
-        rows holding the old rows; state arrays must grow to match."""
-        self.data = data
+__all__ = ["UPDATERS", "AddUpdater", "Updater", "add_rows", "call_args", "check_updater", "is_additive",
+           "make_updater", "sum_repeats"]
 
 
 class AddUpdater(Updater):
@@ -49,8 +33,11 @@ class AddUpdater(Updater):
 
     name = "add"
     additive = True
+    has_lr = False
+    float_only = False
 
-    def apply(self, delta: np.ndarray, rows: Optional[np.ndarray], args: dict) -> None:
+    def apply(self, delta: np.ndarray, rows: Rows, args: dict) -> None:
+        self.call_lr(args)  # refuses a per-call lr
         if rows is None or isinstance(rows, slice):
             target = self.data if rows is None else self.data[rows]
             np.add(target, delta, out=target)
@@ -58,31 +45,42 @@ class AddUpdater(Updater):
             add_rows(self.data, rows, delta)
 
 
-def add_rows(data: np.ndarray, rows: np.ndarray, delta: np.ndarray) -> None:
-    """data[rows] += delta, repeated rows summed. np.add.at over flat element indices: 3-4x
-    faster than np.add.at on rows of a 2-D array."""
-    if data.ndim == 1:
-        np.add.at(data, rows, delta)
-        return
-    width = data[0].size
-    flat = (rows[:, None] * width + np.arange(width)).reshape(-1)
-    np.add.at(data.reshape(-1), flat, delta.reshape(-1))
+UPDATERS: dict[str, type[Updater]] = {cls.name: cls for cls in (AddUpdater, SGD, Momentum, AdaGrad, Adam, FTRL, DCASGD)}
 
 
-UPDATERS: dict[str, type[Updater]] = {cls.name: cls for cls in (AddUpdater,)}
+def updater_class(name: Any) -> type[Updater]:
+    cls = UPDATERS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise InvalidArgument(f"unknown updater {name!r:.60}; choose one of {', '.join(UPDATERS)}")
+    return cls
 
 
 def make_updater(name: str, options: dict, data: np.ndarray) -> Updater:
-    try:
-        cls = UPDATERS[name]
-    except KeyError:
-        raise InvalidArgument(f"unknown updater {name!r}; choose one of {', '.join(UPDATERS)}") from None
-    return cls(data, options)
+    return updater_class(name)(data, options)
 
 
-def check_updater(name: str, options: dict) -> None:
-    """Raise at table creation, on the worker, for an unknown updater or option."""
-    make_updater(name, options, np.zeros(1))
+def check_updater(name: str, options: dict, dtype: Any = "float32") -> dict:
+    """Raise at table creation, on the worker, for an unknown updater, an unknown option,
+    a bad option value, or a float-only updater on an integer table. Returns the options
+    checked and completed with their defaults (what the table's spec holds)."""
+    cls = updater_class(name)
+    config = cls.check_options(options)
+    if cls.float_only and not np.issubdtype(np.dtype(dtype), np.floating):
+        raise InvalidArgument(f"updater {name!r} needs a float table, this one is {np.dtype(dtype).name}; "
+                              "only 'add' works on integer tables")
+    return config
+
+
+def call_args(name: str, lr: Optional[Any]) -> dict:
+    """The args an add carries for `lr=` given per call: checked on the caller, before
+    anything is sent."""
+    if lr is None:
+        return {}
+    cls = updater_class(name)
+    if not cls.has_lr:
+        raise InvalidArgument(f"updater {name!r} has no learning rate, so add() takes no lr=; "
+                              f"create the table with one of {', '.join(n for n, c in UPDATERS.items() if c.has_lr)}")
+    return {"lr": check_lr(name, lr)}
 
 
 def is_additive(name: str) -> bool:

@@ -25,7 +25,9 @@ def make_shard(spec: TableSpec, layout: dict, pid: int) -> DenseRowShard:
 class ArrayTable(RangeTableHandle):
     """A dense tensor shared by all workers. `get()` returns the whole tensor, `get(indices)`
     the values at flat indices; `add(delta)` adds a tensor of the same shape, `add(delta,
-    indices)` adds at flat indices (repeated indices sum)."""
+    indices)` adds at flat indices (repeated indices sum). The table's updater ("add", "sgd",
+    "adam", ...; see multiverso_py.updaters) decides what an add does; lr= overrides its
+    learning rate for one add."""
 
     kind = "array"
 
@@ -48,14 +50,16 @@ class ArrayTable(RangeTableHandle):
         """The whole tensor, or the values at flat `indices`; into `out` when given."""
         return self._wait(self.get_async(indices, out=out))
 
-    def add_async(self, delta: Any, indices: Any = None) -> Future:
+    def add_async(self, delta: Any, indices: Any = None, *, lr: Optional[float] = None) -> Future:
         if indices is None:
             values = check_shape(as_array(delta, self.dtype, "delta"), self.shape, "delta")
-            return self._write_rows("add", values.reshape(-1), None)
+            return self._write_rows("add", values.reshape(-1), None, lr)
         index = as_index(indices, self.size, "indices")
         values = check_shape(as_array(delta, self.dtype, "delta"), (len(index),), "delta")
-        return self._write_rows("add", values, index)
+        return self._write_rows("add", values, index, lr)
 
-    def add(self, delta: Any, indices: Any = None) -> None:
-        self._wait(self.add_async(delta, indices))
+    def add(self, delta: Any, indices: Any = None, *, lr: Optional[float] = None) -> None:
+        """Push `delta` (the whole tensor, or values at flat `indices`) through the table's
+        updater; `lr` replaces the table's learning rate for this add."""
+        self._wait(self.add_async(delta, indices, lr=lr))
 

@@ -38,7 +38,7 @@ from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64
 
 from multiverso_py import context
 from multiverso_py.errors import InvalidArgument
-from multiverso_py.updaters import Updater, make_updater
+from multiverso_py.updaters import Updater, call_args, make_updater
 
 PARTITIONS_PER_SERVER = 2
 KEY_DTYPES = ("int64", "uint64")
@@ -175,6 +175,7 @@ class KVShard:
             self.updater.resize(grown)
         self.index.insert(new_keys, np.arange(start, end))
         self.data[start:end] = initial_rows(self.init, self.seed, new_keys, self.dim, self.dtype)
+        self.updater.inserted(slice(start, end))
         self.size = end
         rows[missing] = start + inverse.reshape(-1)
         return rows
@@ -189,10 +190,13 @@ class KVShard:
         rows = self.index.lookup(keys)
         if self.insert_on_get:
             rows = self._insert_missing(keys, rows)  # may grow (replace) self.data
+            self.updater.pulled(args.get("w"), rows)
             return {}, [np.take(self.data, rows, axis=0)]
         found = rows >= 0
+        present = rows[found]
+        self.updater.pulled(args.get("w"), present)
         out = np.empty((len(keys), self.dim), dtype=self.dtype)
-        out[found] = np.take(self.data, rows[found], axis=0)
+        out[found] = np.take(self.data, present, axis=0)
         out[~found] = initial_rows(self.init, self.seed, keys[~found], self.dim, self.dtype)
         return {}, [out]
 
@@ -215,7 +219,8 @@ class KVTable(TableHandle):
     """A hash table from int64 keys (any 64-bit value) to rows of `dim` values, shared by
     all workers. `get(keys)` returns a (len(keys), dim) array in the keys' order, creating
     missing keys with their initial row when insert_on_get; `add(keys, values)` adds
-    (repeated keys sum); `len(table)` counts stored keys.
+    (repeated keys sum) through the table's updater, whose state is kept per key;
+    `len(table)` counts stored keys.
 
     key_dtype ("int64" or "uint64") is how the caller thinks of keys; either way a key is
     its 64-bit pattern. init= is "zeros", ("uniform", low, high) or ("normal", std), drawn
@@ -260,7 +265,8 @@ class KVTable(TableHandle):
         """The rows of `keys`, in their order (repeats allowed)."""
         return self._wait(self.get_async(keys))
 
-    def add_async(self, keys: Any, values: Any) -> Future:
+    def add_async(self, keys: Any, values: Any, *, lr: Optional[float] = None) -> Future:
+        args = call_args(self._info.spec.updater, lr)
         keys = as_keys(keys)
         values = as_array(values, self.dtype, "values")
         if self.dim == 1 and values.shape == (len(keys),):
@@ -268,11 +274,13 @@ class KVTable(TableHandle):
         if values.shape != (len(keys), self.dim):
             expected = f"{(len(keys), self.dim)}" + (f" or {(len(keys),)}" if self.dim == 1 else "")
             raise InvalidArgument(f"values has shape {values.shape}, expected {expected}")
-        return self._submit("add", [Part(p, arrays=[keys[pos], np.take(values, pos, axis=0)])
+        return self._submit("add", [Part(p, dict(args), [keys[pos], np.take(values, pos, axis=0)])
                                     for p, pos in self._split(keys)])
 
-    def add(self, keys: Any, values: Any) -> None:
-        self._wait(self.add_async(keys, values))
+    def add(self, keys: Any, values: Any, *, lr: Optional[float] = None) -> None:
+        """Push `values` into the rows of `keys` through the table's updater (repeated keys
+        sum); `lr` replaces the table's learning rate for this add."""
+        self._wait(self.add_async(keys, values, lr=lr))
 
     def len_async(self) -> Future:
         parts = [Part(p, args={"op": "len"}) for p in range(self.num_partitions)]

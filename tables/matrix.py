@@ -25,7 +25,8 @@ def make_shard(spec: TableSpec, layout: dict, pid: int) -> DenseRowShard:
 class MatrixTable(RangeTableHandle):
     """A dense (num_rows, num_cols) matrix shared by all workers. `get(row_ids=None)` returns
     all rows or the given ones; `add(delta, row_ids=None)` adds to all rows or the given
-    ones (repeated row ids sum)."""
+    ones (repeated row ids sum), through the table's updater; lr= overrides its learning
+    rate for one add."""
 
     kind = "matrix"
 
@@ -48,11 +49,13 @@ class MatrixTable(RangeTableHandle):
         """All rows, or the rows `row_ids` in that order; into `out` when given."""
         return self._wait(self.get_async(row_ids, out=out))
 
-    def add_async(self, delta: Any, row_ids: Any = None) -> Future:
+    def add_async(self, delta: Any, row_ids: Any = None, *, lr: Optional[float] = None) -> Future:
         rows = self._rows(row_ids)
         expected = self.shape if rows is None else (len(rows), self.num_cols)
         values = check_shape(as_array(delta, self.dtype, "delta"), expected, "delta")
-        return self._write_rows("add", values, rows)
+        return self._write_rows("add", values, rows, lr)
 
-    def add(self, delta: Any, row_ids: Any = None) -> None:
-        self._wait(self.add_async(delta, row_ids))
+    def add(self, delta: Any, row_ids: Any = None, *, lr: Optional[float] = None) -> None:
+        """Push `delta` (all rows, or the rows `row_ids`) through the table's updater; `lr`
+        replaces the table's learning rate for this add."""
+        self._wait(self.add_async(delta, row_ids, lr=lr))

@@ -21,7 +21,7 @@ from multiverso_py.tables.base import (
 )
 
 from multiverso_py.errors import IndexOutOfRange, InvalidArgument
-from multiverso_py.updaters import Updater, make_updater
+from multiverso_py.updaters import Updater, call_args, make_updater
 
 # A fixed number of partitions per server, whatever the table's size: a request for
 # random rows then touches a bounded number of them (the cost per row does not grow with
@@ -99,10 +99,13 @@ class DenseRowShard:
         keeps unchanged until it is sent), or the rows named by arrays[0]."""
         if not arrays:
             span = self._span(args)
+            self.updater.pulled(args.get("w"), span)
             return {}, [self.data if span is None else self.data[span]]
         if len(arrays) != 1:
             raise InvalidArgument(f"a get carries at most row ids, got {len(arrays)} arrays")
-        return {}, [np.take(self.data, self._local_rows(arrays[0]), axis=0)]  # 3-4x faster than data[rows]
+        rows = self._local_rows(arrays[0])
+        self.updater.pulled(args.get("w"), rows)
+        return {}, [np.take(self.data, rows, axis=0)]  # 3-4x faster than data[rows]
 
     def _delta(self, args: dict, arrays: list) -> tuple[Any, np.ndarray]:
         """(local row ids, a span, or None for the whole partition; delta) of an add or set."""
@@ -198,12 +201,14 @@ class RangeTableHandle(TableHandle):
         parts = [Part(p, arrays=[rows[pos]], positions=pos, reply_bytes=len(pos) * row_bytes) for p, pos in groups]
         return self._submit("get", parts, _scatter_rows, result)
 
-    def _write_rows(self, op: str, delta: np.ndarray, rows: Optional[np.ndarray]) -> Future:
-        """Start an add (or the master's set) of all rows or of the given rows."""
+    def _write_rows(self, op: str, delta: np.ndarray, rows: Optional[np.ndarray], lr: Any = None) -> Future:
+        """Start an add (or the master's set) of all rows or of the given rows, with the
+        add's own learning rate `lr` if given."""
+        args = call_args(self._info.spec.updater, lr)
         if rows is None:
-            parts = [Part(p, args, [delta[lo:hi]]) for p, lo, hi, args in self._spans()]
+            parts = [Part(p, {**span, **args}, [delta[lo:hi]]) for p, lo, hi, span in self._spans()]
         else:
-            parts = [Part(p, arrays=[rows[pos], np.take(delta, pos, axis=0)]) for p, pos in self._ranges.split(rows)]
+            parts = [Part(p, dict(args), [rows[pos], np.take(delta, pos, axis=0)]) for p, pos in self._ranges.split(rows)]
         return self._submit(op, parts)
 
 

@@ -54,6 +54,9 @@ class SparseRowShard(DenseRowShard):
             if not args.get("all"):
                 changed = changed[self.stamp[span] > sent[span]]
         sent[changed] = self.stamp[changed]
+        # The worker's cache now equals the shard on every row it asked for: the rows
+        # sent, and rows unchanged since they were last sent (and reported pulled).
+        self.updater.pulled(worker, changed)
         return {}, [changed + self.lo, np.take(self.data, changed, axis=0)]
 
     def add(self, args: dict, arrays: list) -> tuple[dict, list]:
@@ -130,14 +133,14 @@ class SparseMatrixTable(MatrixTable):
         if future.exception() is not None:
             self._shared.cold = True  # the server may think we have rows that never arrived
 
-    def add_async(self, delta: Any, row_ids: Any = None) -> Future:
+    def add_async(self, delta: Any, row_ids: Any = None, *, lr: Optional[float] = None) -> Future:
         rows = self._rows(row_ids)
         expected = self.shape if rows is None else (len(rows), self.num_cols)
         values = check_shape(as_array(delta, self.dtype, "delta"), expected, "delta")
         nonzero = np.flatnonzero(values.any(axis=1))
         rows = nonzero if rows is None else rows[nonzero]
         self._info.stats.rows_sent += len(rows)
-        return self._write_rows("add", np.take(values, nonzero, axis=0), rows)
+        return self._write_rows("add", np.take(values, nonzero, axis=0), rows, lr)
 
 
 def _copy_rows(cache: np.ndarray, rows: Optional[np.ndarray], out: np.ndarray) -> np.ndarray:
