@@ -1,4 +1,4 @@
-"""The multiverso-py command line: scheduler, server and the local launcher."""
+"""The multiverso-py command line: scheduler, server, the local launcher and the demo."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Optional, Sequence
 
+from multiverso_py import demo
 from multiverso_py.errors import MultiversoError
 from multiverso_py.scheduler import Scheduler, SchedulerConfig
 from multiverso_py.server import Server, ServerConfig
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"declare a silent worker dead after this many seconds "
                           f"(default: {SchedulerConfig.heartbeat_timeout:g})")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the worker command")
+    demo.add_parser(sub, _positive, _non_negative)
     return parser
 
 
@@ -100,6 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "demo":
+            return demo.run(args)
         if args.command == "run":
             from multiverso_py.launcher import launch
 

@@ -1,0 +1,243 @@
+"""PSOptimizer: a torch.optim.Optimizer whose update rule runs on the parameter servers.
+
+`step()` pushes each parameter group's gradients (flattened into one buffer) to that
+group's table, where the server's updater (sgd, momentum, adagrad, adam, ...) applies
+them and keeps the optimizer state; then it pulls the fresh weights into the parameters
+in place. Every worker's gradients update the same weights: asynchronous data-parallel
+SGD (or SSP/BSP, by the tables' consistency model).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+import multiverso_py as mv
+from multiverso_py.errors import InvalidArgument
+from multiverso_py.torch.flat import FlatBuffer, group_by_server_dtype, table_dtype_name
+from multiverso_py.updaters import check_updater, updater_class
+
+# Keys of a param group that are read on every step; every other updater option is fixed
+# when the group's table is created (the server holds it).
+PER_STEP = ("lr", "weight_decay")
+
+
+@dataclass
+class _Slot:
+    """One table of a param group: the group's parameters of one stored dtype."""
+
+    table: mv.ArrayTable
+    params: list[torch.Tensor]
+    weights: FlatBuffer  # pulled weights, received straight into its host buffer
+    grads: FlatBuffer  # gathered gradients, pushed from its host buffer
+
+
+class PSOptimizer(torch.optim.Optimizer):
+    """Optimize `params` with a server-side updater (SPEC section 4).
+
+        model = Net()
+        opt = PSOptimizer(model.parameters(), updater="adam", lr=1e-3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+        for x, y in batches:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()          # push gradients, the server updates, pull the weights
+
+    Constructing it is collective (every worker, same order as other tables). Each param
+    group gets one flat ArrayTable per stored dtype, initialized from the master worker's
+    (worker 0's) parameters, which every worker's parameters take before the
+    constructor returns. `options` are the updater's (momentum, betas, eps, alpha, beta,
+    l1, l2, lam); a param group may override them and `updater` for its own table.
+
+    Per step, `param_groups[i]["lr"]` is sent with the push (so LR schedulers work) and
+    `weight_decay` is added to the gradient on the worker (L2, as torch.optim.SGD and
+    Adam do). Other options are fixed once the group's table exists; changing one
+    raises. Parameters whose `grad` is None are skipped (their optimizer state on the
+    server is untouched, as torch does).
+    """
+
+    def __init__(self, params: Iterable[Any], updater: str = "sgd", lr: Optional[float] = None,
+                 weight_decay: float = 0.0, *, name: Optional[str] = None, **options: Any):
+        if name is not None and (not isinstance(name, str) or not name):
+            raise InvalidArgument(f"name must be a non-empty string or None, got {name!r}")
+        cls = updater_class(updater)
+        if not cls.has_lr:
+            raise InvalidArgument(f"PSOptimizer needs an updater with a learning rate, not {updater!r}; "
+                                  "to push raw deltas use ParamManager or an ArrayTable")
+        resolved = check_updater(updater, {**options, **({} if lr is None else {cls.lr_option: lr})})
+        defaults = {"updater": updater, "lr": resolved.pop(cls.lr_option), "weight_decay": weight_decay, **resolved}
+        self._name = name
+        self._option_keys = tuple(resolved)
+        self._slots: list[list[_Slot]] = []
+        self._created: list[dict] = []  # per group: the updater and options its tables were made with
+        self._ready = False
+        super().__init__(params, defaults)
+        self._ready = True
+        for group in self.param_groups:
+            self._add_tables(group)
+
+    # ------------------------------------------------------------ groups and tables
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's; after construction it creates the group's tables, so (being
+        collective) every worker must add the same groups in the same order."""
+        super().add_param_group(param_group)
+        if self._ready:
+            self._add_tables(self.param_groups[-1])
+
+    def _server_options(self, group: dict) -> dict:
+        """What a group's tables apply: its updater and that updater's options (lr included)."""
+        cls = updater_class(group["updater"])
+        if not cls.has_lr:
+            raise InvalidArgument(f"PSOptimizer needs an updater with a learning rate, not {group['updater']!r}")
+        options = {k: group[k] for k in self._option_keys if k in cls.option_specs}
+        _check_per_step(group)
+        return {"updater": group["updater"],
+                "options": check_updater(group["updater"], {**options, cls.lr_option: group["lr"]})}
+
+    def _add_tables(self, group: dict) -> None:
+        index = len(self._slots)
+        created = self._server_options(group)
+        params = group["params"]
+        for p in params:
+            if not p.is_leaf:
+                raise InvalidArgument("PSOptimizer can only optimize leaf tensors (model parameters)")
+        master = mv.is_master_worker()
+        slots = []
+        for dtype, named in group_by_server_dtype([(f"group {index} param {i}", p) for i, p in enumerate(params)]
+                                                  ).items():
+            tensors = [p for _, p in named if p.numel()]
+            if not tensors:
+                continue
+            weights, grads = FlatBuffer(tensors, dtype), FlatBuffer(tensors, dtype)
+            table_name = None if self._name is None else f"{self._name}/group{index}/{table_dtype_name(dtype)}"
+            table = mv.ArrayTable(weights.numel, table_dtype_name(dtype), name=table_name,
+                                  init_value=weights.gather() if master else None,
+                                  updater=created["updater"], **created["options"])
+            slots.append(_Slot(table, tensors, weights, grads))
+        self._slots.append(slots)
+        self._created.append(created)
+        self._pull(slots)  # everyone starts from the master's values
+
+    @property
+    def tables(self) -> list[list[mv.ArrayTable]]:
+        """Per param group, its tables (one per stored dtype)."""
+        return [[s.table for s in slots] for slots in self._slots]
+
+    # ------------------------------------------------------------ stepping
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Push the gradients (with each group's current lr), let the servers update,
+        and pull the new weights into the parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pushes: list[tuple[_Slot, Future]] = []
+        for index, (group, slots) in enumerate(zip(self.param_groups, self._slots)):
+            self._check_unchanged(index, group)
+            for slot in slots:
+                future = self._push(slot, group)
+                if future is not None:
+                    pushes.append((slot, future))
+        self._pull([slot for slots in self._slots for slot in slots])
+        for slot, future in pushes:
+            slot.table._wait(future)  # done already: a table's calls apply in order; raises a failed push
+        return loss
+
+    @torch.no_grad()
+    def pull(self) -> None:
+        """Load the servers' current weights into the parameters (what step() ends with),
+        e.g. after mv.barrier() at the end of training, to see every worker's updates."""
+        self._pull([slot for slots in self._slots for slot in slots])
+
+    def _push(self, slot: _Slot, group: dict) -> Optional[Future]:
+        grads = [_gradient(p, group["weight_decay"]) for p in slot.params]
+        present = [g is not None for g in grads]
+        if not any(present):
+            return None
+        flat = slot.grads.gather(grads)  # add_async sends it without copying; untouched until done
+        if all(present):
+            return slot.table.add_async(flat, lr=group["lr"])
+        index = slot.grads.indices_of(present)  # only the parameters that have gradients
+        return slot.table.add_async(flat[index], index, lr=group["lr"])
+
+    def _pull(self, slots: list[_Slot]) -> None:
+        pulls = []
+        for slot in slots:
+            slot.weights.wait_copies_out()
+            pulls.append(slot.table.get_async(out=slot.weights.array))
+        for slot, future in zip(slots, pulls):
+            slot.table._wait(future)
+            slot.weights.scatter()
+
+    def _check_unchanged(self, index: int, group: dict) -> None:
+        now, created = _fixed(self._server_options(group)), _fixed(self._created[index])
+        if now != created:
+            raise InvalidArgument(f"param group {index}'s updater settings changed from {created} to {now}; the "
+                                  f"server fixed them when it created the group's table (only "
+                                  f"{' and '.join(PER_STEP)} can change between steps)")
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout: "state" is empty (the optimizer state, e.g. Adam's moments and
+        step counts, lives on the servers and in their checkpoints) and "param_groups"
+        holds each group's hyperparameters (lr, weight_decay, updater and its options,
+        plus what LR schedulers add), so a resumed run continues its schedule. "ps"
+        names each group's tables and the updater settings the servers apply."""
+        state = super().state_dict()
+        state["ps"] = [{"tables": [s.table.name for s in slots], **created}
+                       for slots, created in zip(self._slots, self._created)]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the groups' hyperparameters (lr, weight_decay, scheduler fields). The
+        updater and its options cannot change (the servers apply them): a state dict
+        with others raises InvalidArgument."""
+        saved = state_dict.get("ps")
+        if saved is not None:
+            if len(saved) != len(self._created):
+                raise InvalidArgument(f"the state dict has {len(saved)} param groups, this optimizer "
+                                      f"{len(self._created)}")
+            for index, (entry, created) in enumerate(zip(saved, self._created)):
+                try:
+                    theirs = _fixed(entry)
+                except (AttributeError, KeyError, TypeError, InvalidArgument):
+                    raise InvalidArgument(f"state_dict['ps'][{index}] is not what PSOptimizer.state_dict() "
+                                          "writes") from None
+                if theirs != _fixed(created):
+                    raise InvalidArgument(f"param group {index} was saved with {theirs}, but its table applies "
+                                          f"{_fixed(created)}; create the optimizer with the saved settings")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "ps"})
+        for index, group in enumerate(self.param_groups):
+            self._check_unchanged(index, group)
+
+
+def _fixed(created: dict) -> tuple[str, dict]:
+    """A group's updater and the options that cannot change (all but the learning rate)."""
+    lr_option = updater_class(created["updater"]).lr_option
+    return created["updater"], {k: v for k, v in created["options"].items() if k != lr_option}
+
+
+def _check_per_step(group: dict) -> None:
+    lr, decay = group["lr"], group["weight_decay"]
+    if isinstance(lr, torch.Tensor):
+        lr = group["lr"] = float(lr)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+        raise InvalidArgument(f"lr must be a number > 0, got {lr!r}")
+    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or decay < 0:
+        raise InvalidArgument(f"weight_decay must be a number >= 0, got {decay!r}")
+
+
+def _gradient(p: torch.Tensor, weight_decay: float) -> Optional[torch.Tensor]:
+    grad = p.grad
+    if grad is None:
+        return None
+    if grad.is_sparse:
+        grad = grad.to_dense()  # the table is dense; multiverso_py.torch.Embedding pushes sparse rows itself
+    return grad.add(p, alpha=weight_decay) if weight_decay else grad
