@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +23,7 @@ class Result:
     curve: list[tuple[float, float]]  # (seconds into training, test accuracy) after each epoch
     job_s: Optional[float] = None  # a job's whole run under the launcher, process start-up included
     reference: Optional[float] = None  # the single-process accuracy with the same updater
+    run_accuracies: list[float] = field(default_factory=list)  # a reference's: each run's final accuracy
 
     @property
     def diff_pp(self) -> float:
@@ -47,7 +48,9 @@ def markdown(runs: Sequence[Result], references: dict[str, Result], notes: Seque
              f"| job time | within {TOLERANCE_PP:g} pp |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r.mode} | {r.updater} | {r.accuracy:.2%} | {r.reference:.2%} | {r.diff_pp:+.2f} pp "
+        low, high = min(references[r.updater].run_accuracies), max(references[r.updater].run_accuracies)
+        single = f"{r.reference:.2%} ({low:.2%}-{high:.2%})"
+        lines.append(f"| {r.mode} | {r.updater} | {r.accuracy:.2%} | {single} | {r.diff_pp:+.2f} pp "
                      f"| {r.train_s:.2f} s | {references[r.updater].train_s:.3f} s | {r.job_s:.1f} s | {r.verdict} |")
     return "\n".join([*lines, "", *notes])
 
@@ -67,7 +70,8 @@ def plot(runs: Sequence[Result], references: dict[str, Result], path: Path) -> b
         for r in [r for r in runs if r.updater == updater] + [references[updater]]:
             times, accs = zip(*r.curve)
             style = {"color": "black", "linestyle": "--"} if r.reference is None else {"marker": "."}
-            ax.plot(times, accs, label=f"{r.mode} ({r.accuracy:.1%})", **style)
+            label = r.mode if r.reference is not None else f"{r.mode}, mean of {len(r.run_accuracies)}"
+            ax.plot(times, accs, label=f"{label} ({r.accuracy:.1%})", **style)
         ax.set_xscale("log")  # the single process finishes in a fraction of a job's time
         ax.set_title(f"updater {updater}", fontsize=10)
         ax.set_xlabel("wall time since training started (s)")
