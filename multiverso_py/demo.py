@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any, Optional
 
 from multiverso_py.context import CONSISTENCY_MODELS
+from multiverso_py.errors import InvalidArgument
+from multiverso_py.updaters import check_updater
 
 EVENT = "@mv-demo "  # as multiverso_py.demo_worker prints it (not imported: that needs torch)
-BAR_WIDTH = 28
+BAR_WIDTH = 20
 
 
 def add_parser(sub: Any, positive: Any, non_negative: Any) -> None:
@@ -48,6 +51,11 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     if missing:
         out.write(f"the demo needs {' and '.join(missing)}: pip install 'multiverso-py[torch]'\n")
         return 1
+    try:
+        check_updater(args.updater, {"lr": args.lr})  # here, not in N workers after seconds of start-up
+    except InvalidArgument as exc:
+        out.write(f"multiverso-py demo: {exc}\n")
+        return 2
     directory = args.out or _new_directory()
     directory.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "multiverso_py.demo_worker", "--out", str(directory), "--epochs", str(args.epochs),
@@ -148,7 +156,7 @@ class Progress:
         elif kind == "step":
             self.done[worker], self.loss[worker] = int(event["samples"]), float(event["loss"])
         elif kind == "epoch":
-            self.epoch = f"epoch {event['epoch']} test acc {event['test_accuracy']:.1%}"
+            self.epoch = f"epoch {event['epoch']}: test acc {event['test_accuracy']:.1%}"
             if not self.tty:
                 self.out.write(self._bar() + "\n")
         elif kind == "done":
@@ -167,14 +175,16 @@ class Progress:
         fraction = done / total if total else 0.0
         filled = int(BAR_WIDTH * fraction)
         elapsed = time.perf_counter() - self.started if self.started else 0.0
-        rate = done / elapsed if elapsed > 0 else 0.0
-        loss = sum(self.loss.values()) / len(self.loss) if self.loss else float("nan")
-        return (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction:4.0%} {done}/{total} samples  "
-                f"loss {loss:.3f}  {rate:,.0f} samples/s  {self.epoch}")
+        rate = f"{done / elapsed:,.0f} samples/s" if done and elapsed > 0 else ""
+        loss = f"loss {sum(self.loss.values()) / len(self.loss):.3f}" if self.loss else ""
+        parts = [f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction:4.0%}", f"{done}/{total}", loss, rate,
+                 self.epoch]
+        return "  ".join(p for p in parts if p)
 
     def _draw(self) -> None:
         if self.tty and self.total:
-            self.out.write("\r" + self._bar() + "\x1b[K")
+            width = shutil.get_terminal_size().columns - 1  # a wrapped line could not be redrawn in place
+            self.out.write("\r" + self._bar()[:width] + "\x1b[K")
             self.out.flush()
             self._bar_shown = True
 
