@@ -22,7 +22,8 @@ import numpy as np
 
 from multiverso_py.errors import InvalidArgument
 from multiverso_py.optimizers import DCASGD, FTRL, SGD, AdaGrad, Adam, Momentum
-from multiverso_py.updater_base import Rows, Updater, add_rows, check_lr, sum_repeats
+from multiverso_py.arrayops import add_rows, sum_repeats
+from multiverso_py.updater_base import Rows, Updater, check_lr
 
 __all__ = ["UPDATERS", "AddUpdater", "Updater", "add_rows", "call_args", "check_updater", "is_additive",
            "make_updater", "sum_repeats"]

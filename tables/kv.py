@@ -36,7 +36,7 @@ from multiverso_py.tables.base import (
 )
 from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64_int
 
-from multiverso_py import context
+from multiverso_py import arrayops, context
 from multiverso_py.errors import InvalidArgument
 from multiverso_py.updaters import Updater, call_args, make_updater
 
@@ -163,7 +163,7 @@ class KVShard:
         missing = rows < 0
         if not missing.any():
             return rows
-        new_keys, inverse = np.unique(keys[missing], return_inverse=True)
+        new_keys, inverse = arrayops.unique_inverse(keys[missing])
         start, end = self.size, self.size + len(new_keys)
         if end > len(self.data):
             capacity = len(self.data)

@@ -15,6 +15,7 @@ from multiverso_py.tables.base import Part, TableSpec, as_array, check_shape
 from multiverso_py.tables.matrix import MatrixTable
 from multiverso_py.tables.ranges import DenseRowShard, result_array
 
+from multiverso_py import arrayops
 from multiverso_py.errors import InvalidArgument
 
 layout = matrix.layout  # the same row ranges as MatrixTable
@@ -115,7 +116,7 @@ class SparseMatrixTable(MatrixTable):
         if rows is None:
             parts = [Part(p, {**args, **span}, reply_bytes=(hi - lo) * row_bytes) for p, lo, hi, span in self._spans()]
         else:
-            unique = np.unique(rows)
+            unique = arrayops.unique(rows)
             parts = [Part(p, args, [unique[pos]], reply_bytes=len(pos) * row_bytes)
                      for p, pos in self._ranges.split(unique)]
         future = self._submit("get", parts, self._merge_rows, result,

@@ -1,0 +1,37 @@
+"""The vectorized row operations against numpy's own (slower) ones, on any input."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from multiverso_py import arrayops
+
+ids = arrays(np.int64, st.integers(0, 300), elements=st.integers(-5, 40))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids)
+def test_unique_and_inverse_match_numpy(values: np.ndarray) -> None:
+    np.testing.assert_array_equal(arrayops.unique(values), np.unique(values))
+    distinct, inverse = arrayops.unique_inverse(values)
+    expected, expected_inverse = np.unique(values, return_inverse=True)
+    np.testing.assert_array_equal(distinct, expected)
+    np.testing.assert_array_equal(inverse, expected_inverse.reshape(-1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids, st.sampled_from([(), (3,), (2, 2)]), st.sampled_from(["float32", "int64"]))
+def test_add_rows_sums_repeats_like_add_at(values: np.ndarray, row_shape: tuple, dtype: str) -> None:
+    rows = values + 5  # row numbers 0..45
+    rng = np.random.default_rng(len(values))
+    data = rng.integers(-9, 9, (46, *row_shape)).astype(dtype)
+    delta = rng.integers(-9, 9, (len(rows), *row_shape)).astype(dtype)  # integers: sums are exact in any order
+    expected = data.copy()
+    np.add.at(expected, rows, delta)
+    arrayops.add_rows(data, rows, delta)
+    np.testing.assert_array_equal(data, expected)
+    distinct, summed = arrayops.sum_repeats(rows, delta)
+    assert len(distinct) == len(np.unique(rows))
