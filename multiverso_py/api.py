@@ -80,7 +80,8 @@ def init(scheduler: Optional[str] = None, *, timeout: Optional[float] = None, co
             if target is None:
                 embedded = io.run(_start_embedded(options.get("threads")), timeout)
                 target = parse_address(embedded[0].address)
-            client.start(target, _int_env("MV_RANK") if os.environ.get("MV_RANK") else None)
+            client.start(target, _int_env("MV_RANK") if os.environ.get("MV_RANK") else None,
+                         local=embedded[1] if embedded is not None else None)
         except BaseException:
             if embedded is not None:
                 io.call_soon(embedded[0].close)

@@ -22,6 +22,7 @@ import numpy as np
 
 from multiverso_py.acks import AddTracker
 from multiverso_py.batching import BATCH_BYTES, Batch, OpenBatches, chunk_messages, merge_adds, part_bytes, split_large
+from multiverso_py.control import ControlRequests
 from multiverso_py.errors import ConnectionLost, MultiversoError, RequestTimeout, exception_for
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
 from multiverso_py.tables.base import OnReply, Part, TableInfo, TableSpec
@@ -61,16 +62,6 @@ class _Pending:
 
 
 @dataclass
-class _Control:
-    """A control request (to the scheduler, or a clock to a server), awaited on the loop."""
-
-    future: asyncio.Future
-    what: str
-    conn: Connection
-    who: str
-
-
-@dataclass
 class ClientConfig:
     timeout: float = 60.0
     limits: Limits = DEFAULT_LIMITS
@@ -89,8 +80,8 @@ class Client:
         self._scheduler: Optional[Connection] = None
         self._conns: dict[int, Connection] = {}
         self._pending: dict[int, _Pending] = {}
-        self._control: dict[int, _Control] = {}
         self._req_ids = itertools.count(1)
+        self._control = ControlRequests(self._req_ids.__next__, config.timeout)
         self._seq = itertools.count(1)
         self._unnamed_tables = itertools.count()
         self._acks = AddTracker()
@@ -101,8 +92,10 @@ class Client:
         self._leaving = False
 
     # ------------------------------------------------------------ life cycle (any thread)
-    def start(self, scheduler: tuple[str, int], rank: Optional[int] = None) -> None:
-        self.io.run(self._start(scheduler, rank), self.timeout + 5)
+    def start(self, scheduler: tuple[str, int], rank: Optional[int] = None, local: Optional[Any] = None) -> None:
+        """Join the job; `local` is a server on this process's loop (the embedded job's),
+        reached through an in-process connection instead of a socket."""
+        self.io.run(self._start(scheduler, rank, local), self.timeout + 5)
 
     def leave(self) -> None:
         """Flush adds, leave the job, close every connection."""
@@ -131,7 +124,7 @@ class Client:
         self.io.run(self._clock_all())
 
     async def _clock_all(self) -> None:
-        await asyncio.gather(*(self._ask(conn, f"server {sid} ({self.servers[sid]})", MsgType.CLOCK,
+        await asyncio.gather(*(self._control.ask(conn, f"server {sid} ({self.servers[sid]})", MsgType.CLOCK,
                                          {"client": self.worker_id}, "mv.clock()")
                                for sid, conn in self._conns.items()))
 
@@ -178,14 +171,17 @@ class Client:
         return self._acks.wait(future)
 
     # ------------------------------------------------------------ on the loop
-    async def _start(self, scheduler: tuple[str, int], rank: Optional[int]) -> None:
+    async def _start(self, scheduler: tuple[str, int], rank: Optional[int], local: Optional[Any]) -> None:
         self._scheduler = await open_connection(*scheduler, self._connection, self.timeout)
         body = {"role": "worker"} if rank is None else {"role": "worker", "rank": rank}
         data = await self._ask_scheduler(MsgType.REGISTER, body, "registering with the scheduler")
         self.worker_id, self.workers_num = data["id"], data["workers"]
         self.servers = {sid: f"{host}:{port}" for sid, host, port in data["servers"]}
         for sid, host, port in data["servers"]:
-            self._conns[sid] = await open_connection(host, port, self._connection, self.timeout)
+            if local is not None and local.address == f"{host}:{port}":
+                self._conns[sid] = local.connect_local(self._on_frame, self._on_close)
+            else:
+                self._conns[sid] = await open_connection(host, port, self._connection, self.timeout)
             self._conns[sid].context = sid
         loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self._sweep())
@@ -209,21 +205,7 @@ class Client:
         return Connection(self._on_frame, self._on_close, self.config.limits, self._allocate)
 
     async def _ask_scheduler(self, msg_type: MsgType, body: dict, what: str) -> Any:
-        return await self._ask(self._scheduler, "the scheduler", msg_type, body, what)
-
-    async def _ask(self, conn: Optional[Connection], who: str, msg_type: MsgType, body: dict, what: str) -> Any:
-        if conn is None or conn.closed:
-            raise ConnectionLost(f"{what}: the connection to {who} is closed")
-        req_id = next(self._req_ids)
-        control = self._control[req_id] = _Control(asyncio.get_running_loop().create_future(), what, conn, who)
-        conn.send(msg_type, req_id, body)
-        try:
-            reply = await asyncio.wait_for(control.future, self.timeout)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"{what}: no answer from {who} within {self.timeout}s") from None
-        finally:
-            self._control.pop(req_id, None)
-        return reply.get("data") if reply else None
+        return await self._control.ask(self._scheduler, "the scheduler", msg_type, body, what)
 
     def _send_op(self, call: _Op, parts: list[Part], resent: bool = False) -> None:
         """Send a call's parts, or (resent) those of one of its messages again, in bounded
@@ -283,12 +265,7 @@ class Client:
         return pending.dest if pending is not None and msg_type is MsgType.REPLY else None
 
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
-        control = self._control.get(frame.req_id)
-        if control is not None:
-            if frame.type is MsgType.ERROR:
-                control.future.set_exception(exception_for(frame.body["code"], f"{control.what}: {frame.body['message']}"))
-            elif not control.future.done():
-                control.future.set_result(frame.body)
+        if self._control.answer(frame):
             return
         pending = self._pending.pop(frame.req_id, None)
         if pending is None:
@@ -350,9 +327,7 @@ class Client:
             call.future.set_exception(exc)
 
     def _on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
-        for control in self._control.values():
-            if control.conn is conn and not control.future.done():
-                control.future.set_exception(ConnectionLost(f"{control.what}: {control.who} closed the connection"))
+        self._control.connection_closed(conn)
         if conn is self._scheduler:
             if not self._leaving:
                 log.error("lost the connection to the scheduler")

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 from multiverso_py import tables
 from multiverso_py.consistency import Kind, Model, TableClock
 from multiverso_py.errors import ErrorCode, MultiversoError, ProtocolError, code_for
+from multiverso_py.local import LocalConnection, local_pair
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
 from multiverso_py.tables.base import TableSpec
 from multiverso_py.transport import Connection, open_connection
@@ -206,6 +207,14 @@ class Server:
     def _on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
         self._connections.discard(conn)
 
+    def connect_local(self, on_frame: Callable, on_close: Callable) -> LocalConnection:
+        """A connection from a worker in this process (the embedded job), on this loop: no
+        socket, no encoding. Returns the worker's end."""
+        worker_end, server_end = local_pair((on_frame, on_close), (self._on_frame, self._on_close),
+                                            f"in-process worker of server {self.address}")
+        self._connections.add(server_end)
+        return worker_end
+
     # -- worker requests
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
         handler = self._handlers.get(frame.type)
@@ -268,11 +277,11 @@ class Server:
     def after_flush(self, conn: Connection, callback: Callable[[], None]) -> None:
         """Run callback once conn has sent its replies; drop a reader that stalls."""
         conn.after_flush(callback)
-        if not conn.closed and conn.transport.get_write_buffer_size():
+        if not conn.closed and conn.unflushed():
             self.loop.call_later(self.config.flush_timeout, self._drop_if_stalled, conn)
 
     def _drop_if_stalled(self, conn: Connection) -> None:
-        if not conn.closed and conn.transport.get_write_buffer_size():
+        if not conn.closed and conn.unflushed():
             log.warning("dropping %s: it read no reply for %ss", conn.peer, self.config.flush_timeout)
             conn.abort()
 

@@ -113,10 +113,14 @@ class Connection(asyncio.BufferedProtocol):
     def send_error(self, req_id: int, code: ErrorCode, message: str) -> None:
         self.send(MsgType.ERROR, req_id, {"code": int(code), "message": message})
 
+    def unflushed(self) -> int:
+        """Bytes sent but not yet handed to the kernel."""
+        return 0 if self._lost or self.transport is None else self.transport.get_write_buffer_size()
+
     def after_flush(self, callback: Callable[[], None]) -> None:
         """Call back once everything sent so far has been handed to the kernel, or the
         connection is gone: until then the transport may still read the sent buffers."""
-        if self._lost or self.transport is None or self.transport.get_write_buffer_size() == 0:
+        if self.unflushed() == 0:
             callback()
         else:
             self._flush_waiters.append(callback)

@@ -360,3 +360,31 @@ def test_get_into_out_reuses_the_callers_array(job: mv.Job) -> None:
     for bad in (np.empty((6, 3), np.float32), np.empty((3, 6)), np.empty((3, 6)).T, [[0.0] * 3] * 6):
         with pytest.raises(mv.InvalidArgument, match="out="):
             table.get(out=bad)
+
+
+# ------------------------------------------------------------------ the in-process path
+
+
+def test_embedded_worker_reaches_its_server_without_a_socket(job: mv.Job) -> None:
+    from multiverso_py.local import LocalConnection
+
+    assert all(isinstance(conn, LocalConnection) for conn in job.client._conns.values())
+
+
+def test_in_process_results_are_copies_not_views_of_the_partition(job: mv.Job) -> None:
+    """The reply's arrays are the partition's memory: the result must still be a copy."""
+    dense = mv.MatrixTable(BIG_ROWS // 4, 4, name="copies")
+    kv = mv.KVTable(dim=3, name="copies-kv")
+    sparse = mv.SparseMatrixTable(50, 2, name="copies-sparse")
+    dense.add(np.ones((BIG_ROWS // 4, 4), np.float32))
+    rows = dense.get([5, 7])
+    whole = dense.get()
+    keys = kv.get([1, 2])
+    sparse.add(np.ones((2, 2)), [3, 4])
+    cached = sparse.get([3, 4])
+    dense.add(np.ones((BIG_ROWS // 4, 4), np.float32))
+    kv.add([1, 2], np.ones((2, 3)))
+    sparse.add(np.ones((2, 2)), [3, 4])
+    assert (rows == 1).all() and (whole == 1).all() and (keys == 0).all() and (cached == 1).all()
+    np.testing.assert_array_equal(dense.get([5]), [[2, 2, 2, 2]])
+    np.testing.assert_array_equal(sparse.get([3, 4]), np.full((2, 2), 2))
