@@ -191,6 +191,28 @@ def test_lr_scheduler_changes_the_server_step(cluster_job: None) -> None:
     assert (constant.body.weight - ps.body.weight).abs().max() > 1e-3
 
 
+def test_overlap_lands_each_pull_one_step_later(cluster_job: None) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False)
+    w0 = model.weight.detach().clone()
+    opt = PSOptimizer(model.parameters(), updater="sgd", lr=0.1, overlap=True)
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+
+    def grad_at(w: torch.Tensor) -> torch.Tensor:  # of (x @ w.T).sum() ** 2
+        return 2 * (x @ w.T).sum() * x
+
+    model(x).sum().pow(2).backward()
+    opt.step()
+    assert torch.equal(model.weight, w0)  # the first pull is still on its way
+    opt.zero_grad()
+    model(x).sum().pow(2).backward()  # computed on w0 again: one update old
+    opt.step()
+    w1 = w0 - 0.1 * grad_at(w0)
+    torch.testing.assert_close(model.weight.detach(), w1)  # the first step's pull landed
+    opt.pull()
+    torch.testing.assert_close(model.weight.detach(), w1 - 0.1 * grad_at(w0))
+
+
 def test_psoptimizer_master_values_win_and_state_dict(cluster_job: None) -> None:
     torch.manual_seed(3)
     model = nn.Linear(4, 2)

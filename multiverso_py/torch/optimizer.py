@@ -57,10 +57,17 @@ class PSOptimizer(torch.optim.Optimizer):
     Adam do). Other options are fixed once the group's table exists; changing one
     raises. Parameters whose `grad` is None are skipped (their optimizer state on the
     server is untouched, as torch does).
+
+    overlap=True hides the round trip: step() pushes, starts the pull and returns; the
+    weights it pulls land in the parameters at the next step(). Each gradient is then
+    computed on weights one update old (like asynchronous SGD with one step of delay,
+    which a job of several workers has anyway), so results differ from a local
+    optimizer's; call pull() before evaluating or saving. The default (False) waits,
+    and with one worker gives what the torch optimizer gives.
     """
 
     def __init__(self, params: Iterable[Any], updater: str = "sgd", lr: Optional[float] = None,
-                 weight_decay: float = 0.0, *, name: Optional[str] = None, **options: Any):
+                 weight_decay: float = 0.0, *, name: Optional[str] = None, overlap: bool = False, **options: Any):
         if name is not None and (not isinstance(name, str) or not name):
             raise InvalidArgument(f"name must be a non-empty string or None, got {name!r}")
         cls = updater_class(updater)
@@ -70,9 +77,13 @@ class PSOptimizer(torch.optim.Optimizer):
         resolved = check_updater(updater, {**options, **({} if lr is None else {cls.lr_option: lr})})
         defaults = {"updater": updater, "lr": resolved.pop(cls.lr_option), "weight_decay": weight_decay, **resolved}
         self._name = name
+        self.overlap = bool(overlap)
+        self._pushes: list[tuple[_Slot, Future]] = []  # in flight
+        self._pulls: list[tuple[_Slot, Future]] = []  # in flight; their weights land in the parameters later
         self._option_keys = tuple(resolved)
         self._slots: list[list[_Slot]] = []
         self._created: list[dict] = []  # per group: the updater and options its tables were made with
+        self._raw: list[dict] = []  # per group: those settings as the group spells them (a fast check per step)
         self._ready = False
         super().__init__(params, defaults)
         self._ready = True
@@ -120,7 +131,9 @@ class PSOptimizer(torch.optim.Optimizer):
             slots.append(_Slot(table, tensors, weights, grads))
         self._slots.append(slots)
         self._created.append(created)
-        self._pull(slots)  # everyone starts from the master's values
+        self._raw.append({k: group.get(k) for k in ("updater", *self._option_keys)})
+        self._start_pulls(slots)  # everyone starts from the master's values
+        self._land()
 
     @property
     def tables(self) -> list[list[mv.ArrayTable]]:
@@ -137,23 +150,32 @@ class PSOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pushes: list[tuple[_Slot, Future]] = []
+        self._wait_pushes()  # their buffers are about to be refilled (done long ago: pulls came after them)
         for index, (group, slots) in enumerate(zip(self.param_groups, self._slots)):
             self._check_unchanged(index, group)
             for slot in slots:
                 future = self._push(slot, group)
                 if future is not None:
-                    pushes.append((slot, future))
-        self._pull([slot for slots in self._slots for slot in slots])
-        for slot, future in pushes:
-            slot.table._wait(future)  # done already: a table's calls apply in order; raises a failed push
+                    self._pushes.append((slot, future))
+        self._land()  # with overlap: the previous step's pull, which had a whole step to arrive
+        self._start_pulls(self._all_slots())
+        if not self.overlap:
+            self._land()
+            self._wait_pushes()
         return loss
 
     @torch.no_grad()
     def pull(self) -> None:
-        """Load the servers' current weights into the parameters (what step() ends with),
-        e.g. after mv.barrier() at the end of training, to see every worker's updates."""
-        self._pull([slot for slots in self._slots for slot in slots])
+        """Load the servers' current weights into the parameters, e.g. after mv.barrier()
+        at the end of training to see every worker's updates (and, with overlap=True,
+        this worker's last step)."""
+        self._wait_pushes()
+        self._land()
+        self._start_pulls(self._all_slots())
+        self._land()
+
+    def _all_slots(self) -> list[_Slot]:
+        return [slot for slots in self._slots for slot in slots]
 
     def _push(self, slot: _Slot, group: dict) -> Optional[Future]:
         grads = [_gradient(p, group["weight_decay"]) for p in slot.params]
@@ -166,21 +188,34 @@ class PSOptimizer(torch.optim.Optimizer):
         index = slot.grads.indices_of(present)  # only the parameters that have gradients
         return slot.table.add_async(flat[index], index, lr=group["lr"])
 
-    def _pull(self, slots: list[_Slot]) -> None:
-        pulls = []
+    def _wait_pushes(self) -> None:
+        pushes, self._pushes = self._pushes, []
+        for slot, future in pushes:
+            slot.table._wait(future)  # raises a failed push
+
+    def _start_pulls(self, slots: list[_Slot]) -> None:
         for slot in slots:
             slot.weights.wait_copies_out()
-            pulls.append(slot.table.get_async(out=slot.weights.array))
-        for slot, future in zip(slots, pulls):
+            self._pulls.append((slot, slot.table.get_async(out=slot.weights.array)))
+
+    def _land(self) -> None:
+        """Wait for the pulls in flight and copy their weights into the parameters."""
+        pulls, self._pulls = self._pulls, []
+        for slot, future in pulls:
             slot.table._wait(future)
             slot.weights.scatter()
 
     def _check_unchanged(self, index: int, group: dict) -> None:
+        _check_per_step(group)
+        raw = {k: group.get(k) for k in ("updater", *self._option_keys)}
+        if raw == self._raw[index]:
+            return  # the usual case, without validating the options again
         now, created = _fixed(self._server_options(group)), _fixed(self._created[index])
         if now != created:
             raise InvalidArgument(f"param group {index}'s updater settings changed from {created} to {now}; the "
                                   f"server fixed them when it created the group's table (only "
                                   f"{' and '.join(PER_STEP)} can change between steps)")
+        self._raw[index] = raw  # the same settings, spelled differently (a tuple for a list)
 
     # ------------------------------------------------------------ checkpoints
 
