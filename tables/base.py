@@ -124,9 +124,13 @@ class Runtime(Protocol):
 
 
 def numpy_of(value: Any, what: str) -> np.ndarray:
-    """A numpy view of a list, an array or a (CPU or CUDA) tensor, without importing torch."""
+    """A numpy view of a list, an array or a (CPU or CUDA) tensor, without importing torch:
+    a CPU tensor is shared, not copied; a CUDA one costs one device-to-host copy."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16; float32 holds it exactly
+            value = value.float()
+        value = value.numpy()
     try:
         return np.asarray(value)
     except (TypeError, ValueError) as exc:

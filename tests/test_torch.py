@@ -322,3 +322,17 @@ def test_clear_errors(job: mv.Job) -> None:
         emb(torch.tensor([3, 10]))
     with pytest.raises(mv.InvalidArgument, match="padding_idx"):
         Embedding(4, num_embeddings=10, padding_idx=10)
+
+
+def test_tables_take_tensors(job: mv.Job) -> None:
+    from multiverso_py.tables.base import numpy_of
+
+    weights = torch.ones(4, requires_grad=True)
+    assert np.shares_memory(numpy_of(weights, "w"), weights.detach().numpy())  # a CPU tensor is not copied
+    table = mv.ArrayTable(4)
+    table.add(weights)
+    table.add(torch.full((4,), 0.5, dtype=torch.bfloat16))  # numpy has no bfloat16
+    table.add(torch.full((4,), 0.25, dtype=torch.float16))
+    np.testing.assert_array_equal(table.get(), np.full(4, 1.75, np.float32))
+    with pytest.raises(mv.InvalidArgument, match="cannot be cast safely"):
+        mv.ArrayTable(2, "int64").add(torch.ones(2))
