@@ -60,10 +60,10 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "multiverso_py.demo_worker", "--out", str(directory), "--epochs", str(args.epochs),
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--updater", args.updater,
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), *(["--overlap"] if args.consistency == "bsp" else [])]
     out.write(f"multiverso-py demo: {args.workers} worker(s) and {args.servers} server(s) train a CNN on "
               f"scikit-learn's digits for {args.epochs} epochs ({args.updater}, lr {args.lr:g}, "
-              f"{args.consistency})\n")
+              f"{args.consistency}{', PSOptimizer(overlap=True)' if args.consistency == 'bsp' else ''})\n")
     progress = Progress(out)
     start = time.perf_counter()
     status = launch(cmd, args.workers, args.servers, consistency=args.consistency, staleness=args.staleness,

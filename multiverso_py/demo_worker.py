@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,6 +37,7 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--updater", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overlap", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -43,16 +45,20 @@ def train(args: argparse.Namespace, data: Digits) -> dict[str, Any]:
     rank, workers = mv.worker_id(), mv.workers_num()
     torch.manual_seed(args.seed)  # the same initial model everywhere; the master's is used anyway
     model = DigitsCNN()
-    opt = PSOptimizer(model.parameters(), updater=args.updater, lr=args.lr, name="demo")
+    # Under BSP a step's pull can only land after the clock: overlap=True (see PSOptimizer).
+    opt = PSOptimizer(model.parameters(), updater=args.updater, lr=args.lr, name="demo", overlap=args.overlap)
     x, y = data.shard(rank, workers)
-    steps_per_epoch = -(-len(x) // args.batch_size)
-    emit("start", samples=len(x) * args.epochs, steps=steps_per_epoch * args.epochs)
+    # Every worker takes the same number of steps (shards differ by a sample at most):
+    # under BSP or SSP a worker that stopped clocking early would hold the others back.
+    steps_per_epoch = -(-(len(data.x_train) // workers) // args.batch_size)
+    samples_per_epoch = sum(len(xb) for xb, _ in islice(batches(x, y, args.batch_size, 0), steps_per_epoch))
+    emit("start", samples=samples_per_epoch * args.epochs, steps=steps_per_epoch * args.epochs)
     every = max(1, steps_per_epoch // STEP_EVENTS_PER_EPOCH)
     history: dict[str, list] = {"step_loss": [], "epoch_test_accuracy": [], "epoch_test_loss": []}
     samples, seconds, step = 0, 0.0, 0
     for epoch in range(args.epochs):
         start = time.perf_counter()
-        for xb, yb in batches(x, y, args.batch_size, seed=args.seed + 1000 * epoch + rank):
+        for xb, yb in islice(batches(x, y, args.batch_size, seed=args.seed + 1000 * epoch + rank), steps_per_epoch):
             opt.zero_grad()
             loss = F.nll_loss(model(xb), yb)
             loss.backward()

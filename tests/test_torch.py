@@ -76,7 +76,9 @@ PARAM_MANAGER_WORKER = textwrap.dedent("""
                 for k, v in net.state_dict().items():
                     v.add_(1) if k.endswith("num_batches_tracked") else v.add_(rank + 1)
             pm.sync()
-        pm.sync(); mv.barrier(); pm.sync()
+            mv.clock()  # BSP applies a clock's adds once every worker finished it
+        mv.barrier()
+        pm.sync()
         n = mv.workers_num()
         total = ROUNDS * n * (n + 1) // 2
         for k, v in state(net).items():
@@ -86,6 +88,7 @@ PARAM_MANAGER_WORKER = textwrap.dedent("""
                 expected, tol = master[k].double() + total, (0.5 if v.dtype == torch.bfloat16 else 1e-4)
             if not torch.allclose(v.double(), expected.double(), atol=tol, rtol=0):
                 fail(f"{k} after the adds: {v} != {expected}")
+        mv.clock()  # under BSP one sync per clock: a get waits behind this worker's own held add
         # Real training on different data per worker, synced every step.
         opt = torch.optim.SGD(net.parameters(), lr=0.05)
         gen = torch.Generator().manual_seed(rank)
@@ -95,7 +98,9 @@ PARAM_MANAGER_WORKER = textwrap.dedent("""
             net(x).pow(2).mean().backward()
             opt.step()
             pm.sync()
-        pm.sync(); mv.barrier(); pm.sync()
+            mv.clock()
+        mv.barrier()
+        pm.sync()
         digest = hashlib.sha256(b"".join(v.view(torch.uint8).numpy().tobytes() if v.dtype == torch.bfloat16
                                          else v.numpy().tobytes() for v in state(net).values())).hexdigest()
         print(f"DIGEST {digest}")
@@ -103,9 +108,10 @@ PARAM_MANAGER_WORKER = textwrap.dedent("""
 """)
 
 
-def test_param_manager_three_workers_agree(tmp_path: Path) -> None:
+@pytest.mark.parametrize("consistency", ["async", "bsp"])
+def test_param_manager_three_workers_agree(tmp_path: Path, consistency: str) -> None:
     script = tmp_path / "param_manager_worker.py"
-    script.write_text(PARAM_MANAGER_WORKER)
+    script.write_text(PARAM_MANAGER_WORKER.replace("mv.init()", f"mv.init(consistency={consistency!r})"))
     result = testing.run_job(str(script), workers=3, servers=2, timeout=80)
     report = testing.job_report(result)
     assert result.returncode == 0, report
@@ -211,6 +217,23 @@ def test_overlap_lands_each_pull_one_step_later(cluster_job: None) -> None:
     torch.testing.assert_close(model.weight.detach(), w1)  # the first step's pull landed
     opt.pull()
     torch.testing.assert_close(model.weight.detach(), w1 - 0.1 * grad_at(w0))
+
+
+def test_bsp_needs_overlap_and_works_with_it(cluster_job: None) -> None:
+    with pytest.raises(mv.InvalidArgument, match="overlap=True"):
+        PSOptimizer(nn.Linear(3, 1).parameters(), updater="sgd", lr=0.1, consistency="bsp")
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False)
+    w0 = model.weight.detach().clone()
+    opt = PSOptimizer(model.parameters(), updater="sgd", lr=0.1, overlap=True, consistency="bsp", name="bsp")
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+        mv.clock()
+    opt.pull()
+    torch.testing.assert_close(model.weight.detach(), w0 - 2 * 0.1 * x)
 
 
 def test_psoptimizer_master_values_win_and_state_dict(cluster_job: None) -> None:

@@ -9,7 +9,7 @@ non-blocking, with one synchronization per direction (untested on CUDA here).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,11 @@ def server_dtype(dtype: torch.dtype, what: str) -> torch.dtype:
 
 def table_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def table_consistency(table: Any) -> str:
+    """The consistency model a table was created with (the job's default unless given)."""
+    return table._info.spec.consistency
 
 
 def group_by_server_dtype(named: Sequence[tuple[str, torch.Tensor]]) -> dict[torch.dtype, list[tuple[str, torch.Tensor]]]:

@@ -17,7 +17,7 @@ import torch
 
 import multiverso_py as mv
 from multiverso_py.errors import InvalidArgument
-from multiverso_py.torch.flat import FlatBuffer, group_by_server_dtype, table_dtype_name
+from multiverso_py.torch.flat import FlatBuffer, group_by_server_dtype, table_consistency, table_dtype_name
 from multiverso_py.updaters import check_updater, updater_class
 
 # Keys of a param group that are read on every step; every other updater option is fixed
@@ -67,7 +67,8 @@ class PSOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], updater: str = "sgd", lr: Optional[float] = None,
-                 weight_decay: float = 0.0, *, name: Optional[str] = None, overlap: bool = False, **options: Any):
+                 weight_decay: float = 0.0, *, name: Optional[str] = None, overlap: bool = False,
+                 consistency: Optional[str] = None, staleness: Optional[int] = None, **options: Any):
         if name is not None and (not isinstance(name, str) or not name):
             raise InvalidArgument(f"name must be a non-empty string or None, got {name!r}")
         cls = updater_class(updater)
@@ -78,6 +79,7 @@ class PSOptimizer(torch.optim.Optimizer):
         defaults = {"updater": updater, "lr": resolved.pop(cls.lr_option), "weight_decay": weight_decay, **resolved}
         self._name = name
         self.overlap = bool(overlap)
+        self._consistency = {"consistency": consistency, "staleness": staleness}
         self._pushes: list[tuple[_Slot, Future]] = []  # in flight
         self._pulls: list[tuple[_Slot, Future]] = []  # in flight; their weights land in the parameters later
         self._option_keys = tuple(resolved)
@@ -127,7 +129,12 @@ class PSOptimizer(torch.optim.Optimizer):
             table_name = None if self._name is None else f"{self._name}/group{index}/{table_dtype_name(dtype)}"
             table = mv.ArrayTable(weights.numel, table_dtype_name(dtype), name=table_name,
                                   init_value=weights.gather() if master else None,
-                                  updater=created["updater"], **created["options"])
+                                  updater=created["updater"], **self._consistency, **created["options"])
+            if table_consistency(table) == "bsp" and not self.overlap:
+                raise InvalidArgument(
+                    "under BSP the servers hold a step's push until every worker called mv.clock(), and this "
+                    "worker's pull waits behind its own push, so step() would wait forever: create the "
+                    "PSOptimizer with overlap=True (each pull then lands at the next step, after the clock)")
             slots.append(_Slot(table, tensors, weights, grads))
         self._slots.append(slots)
         self._created.append(created)

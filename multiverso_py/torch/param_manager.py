@@ -5,14 +5,13 @@ pulls everyone's merged values back into the module, in place."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from typing import Optional
 
 from torch import nn
 
 import multiverso_py as mv
 from multiverso_py.errors import InvalidArgument
-from multiverso_py.torch.flat import FlatBuffer, group_by_server_dtype, table_dtype_name
+from multiverso_py.torch.flat import FlatBuffer, group_by_server_dtype, table_consistency, table_dtype_name
 
 
 class ParamManager:
@@ -27,9 +26,17 @@ class ParamManager:
     `sync()` adds this worker's change since the last sync to the tables and loads the
     merged values into the module, in place: with N workers each step's changes sum, as
     in Multiverso. It costs one push and one pull message per table and server.
+
+    Under BSP (consistency="bsp", here or as the job's default) the servers hold an add
+    until every worker finished its clock, and a worker's get waits behind its own
+    add: so sync() pulls first, then pushes. The module then holds the values of the
+    earlier clocks (the same on every worker) and this sync's change comes back, merged,
+    with the first sync after the next mv.clock(). Sync once per clock: a second sync
+    in the same clock would wait for this one's held add (and time out).
     """
 
-    def __init__(self, module: nn.Module, name: Optional[str] = None, buffers: bool = False):
+    def __init__(self, module: nn.Module, name: Optional[str] = None, buffers: bool = False, *,
+                 consistency: Optional[str] = None, staleness: Optional[int] = None):
         if not isinstance(module, nn.Module):
             raise InvalidArgument(f"ParamManager needs a torch.nn.Module, got {type(module).__name__}")
         if name is not None and (not isinstance(name, str) or not name):
@@ -53,9 +60,11 @@ class ParamManager:
             table_name = None if name is None else f"{name}/{table_dtype_name(dtype)}"
             initial = now.gather() if master else None  # only the master's initial values are sent
             self._tables.append(mv.ArrayTable(now.numel, table_dtype_name(dtype), name=table_name,
-                                              init_value=initial, updater="add"))
+                                              init_value=initial, updater="add", consistency=consistency,
+                                              staleness=staleness))
             self._now.append(now)
             self._synced.append(synced)
+        self._bsp = any(table_consistency(t) == "bsp" for t in self._tables)
         self._pull()
 
     @property
@@ -65,15 +74,20 @@ class ParamManager:
 
     def sync(self) -> None:
         """Push the module's change since the last sync, then pull the merged values
-        into the module's tensors in place."""
-        pushes: list[Future] = []
-        for table, now, synced in zip(self._tables, self._now, self._synced):
+        into the module's tensors in place (under BSP: pull, then push; see the class)."""
+        deltas = []
+        for now, synced in zip(self._now, self._synced):
             delta = now.gather()
             delta -= synced.array
-            pushes.append(table.add_async(delta))  # sends delta without copying: not touched until done
-        self._pull()
+            deltas.append(delta)
+        if self._bsp:
+            self._pull()
+        # add_async sends each delta without copying: its buffer is not touched until done.
+        pushes = [table.add_async(delta) for table, delta in zip(self._tables, deltas)]
+        if not self._bsp:
+            self._pull()
         for table, future in zip(self._tables, pushes):
-            table._wait(future)  # done already (a table's calls apply in order); raises a failed push
+            table._wait(future)  # raises a failed push
 
     def _pull(self) -> None:
         pulls = []
