@@ -13,6 +13,7 @@ import threading
 from typing import Any, Optional
 
 from multiverso_py import context
+from multiverso_py.auth import Auth, load_auth
 from multiverso_py.client import Client, ClientConfig
 from multiverso_py.errors import InvalidArgument, NotInitialized
 from multiverso_py.scheduler import Scheduler, SchedulerConfig
@@ -73,12 +74,13 @@ def init(scheduler: Optional[str] = None, *, timeout: Optional[float] = None, co
     with _lock:
         if _job is not None:
             raise InvalidArgument("mv.init() was called already in this process; call mv.shutdown() first")
+        auth = load_auth()
         io = LoopThread()
-        client = Client(io, ClientConfig(timeout=timeout))
+        client = Client(io, ClientConfig(timeout=timeout, auth=auth))
         embedded = None
         try:
             if target is None:
-                embedded = io.run(_start_embedded(options.get("threads")), timeout)
+                embedded = io.run(_start_embedded(options.get("threads"), auth), timeout)
                 target = parse_address(embedded[0].address)
             client.start(target, _int_env("MV_RANK") if os.environ.get("MV_RANK") else None,
                          local=embedded[1] if embedded is not None else None)
@@ -94,10 +96,10 @@ def init(scheduler: Optional[str] = None, *, timeout: Optional[float] = None, co
     return _job
 
 
-async def _start_embedded(threads: Optional[int]) -> tuple[Scheduler, Server]:
-    scheduler = Scheduler(SchedulerConfig(workers=1, servers=1))
+async def _start_embedded(threads: Optional[int], auth: Optional[Auth]) -> tuple[Scheduler, Server]:
+    scheduler = Scheduler(SchedulerConfig(workers=1, servers=1, auth=auth))
     await scheduler.start()
-    server = Server(ServerConfig(threads=threads) if threads else ServerConfig())
+    server = Server(ServerConfig(threads=threads, auth=auth) if threads else ServerConfig(auth=auth))
     await server.start()
     await server.register(parse_address(scheduler.address))
     return scheduler, server

@@ -11,6 +11,7 @@ import sys
 from typing import Optional, Sequence
 
 from multiverso_py import demo
+from multiverso_py.auth import Auth, load_auth
 from multiverso_py.errors import MultiversoError
 from multiverso_py.scheduler import Scheduler, SchedulerConfig
 from multiverso_py.server import Server, ServerConfig
@@ -47,6 +48,12 @@ def _port(text: str) -> int:
     return value
 
 
+def _auth_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--auth-token-file", metavar="PATH",
+                        help="require this shared secret (HMAC challenge) of every connection; "
+                             "default: MV_AUTH_TOKEN_FILE or MV_AUTH_TOKEN, else no authentication")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multiverso-py",
@@ -65,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="workers start once this many servers have registered (default: 1)")
     sched.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     sched.add_argument("--ready-file", help="write HOST:PORT here once listening (for launchers)")
+    _auth_option(sched)
     sched.add_argument("--heartbeat-timeout", type=_seconds, default=SchedulerConfig.heartbeat_timeout,
                        help="declare a worker dead when it sends nothing, not even a heartbeat, for this "
                             f"many seconds (default: {SchedulerConfig.heartbeat_timeout:g})")
@@ -77,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     serv.add_argument("--threads", type=_positive, default=ServerConfig.threads,
                       help=f"threads for table work (default: {ServerConfig.threads})")
     serv.add_argument("--ready-file", help="write HOST:PORT here once registered (for launchers)")
+    _auth_option(serv)
 
     run = sub.add_parser("run", help="run a local job: scheduler, servers and N copies of a command",
                          description="Start a scheduler and M servers, run N copies of CMD with MV_SCHEDULER "
@@ -92,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--heartbeat-timeout", type=_seconds,
                      help=f"declare a silent worker dead after this many seconds "
                           f"(default: {SchedulerConfig.heartbeat_timeout:g})")
+    _auth_option(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the worker command")
     demo.add_parser(sub, _positive, _non_negative)
     return parser
@@ -108,6 +118,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from multiverso_py.launcher import launch
 
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            if args.auth_token_file:  # the scheduler, servers and workers it starts read it from there
+                load_auth(args.auth_token_file)  # a clear error now rather than in every child
+                os.environ["MV_AUTH_TOKEN_FILE"] = os.path.abspath(args.auth_token_file)
             if not cmd:
                 parser.error("run needs a command after --, e.g. multiverso-py run --workers 2 -- python train.py")
             return launch(cmd, args.workers, args.servers, consistency=args.consistency,
@@ -141,15 +154,18 @@ def _on_signals(stop) -> None:
         loop.add_signal_handler(sig, stop)
 
 
-def _warn_if_public(host: str) -> None:
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding %s: this process is reachable from other machines and has no authentication", host)
+def _auth_for(args: argparse.Namespace) -> Optional[Auth]:
+    """The token to require; says loudly when binding beyond this machine without one."""
+    auth = load_auth(args.auth_token_file)
+    if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s WITHOUT AUTHENTICATION: anyone who can reach this port can read and change "
+                    "every table; set MV_AUTH_TOKEN or --auth-token-file", args.host)
+    return auth
 
 
 async def _scheduler(args: argparse.Namespace) -> int:
-    _warn_if_public(args.host)
     scheduler = Scheduler(SchedulerConfig(workers=args.workers, servers=args.servers, host=args.host, port=args.port,
-                                          heartbeat_timeout=args.heartbeat_timeout))
+                                          heartbeat_timeout=args.heartbeat_timeout, auth=_auth_for(args)))
     _write_ready(args.ready_file, await scheduler.start())
     _on_signals(scheduler.finish)
     await scheduler.wait_done()
@@ -159,8 +175,7 @@ async def _scheduler(args: argparse.Namespace) -> int:
 
 
 async def _server(args: argparse.Namespace) -> int:
-    _warn_if_public(args.host)
-    server = Server(ServerConfig(host=args.host, port=args.port, threads=args.threads))
+    server = Server(ServerConfig(host=args.host, port=args.port, threads=args.threads, auth=_auth_for(args)))
     await server.start()
     await server.register(parse_address(args.scheduler))
     _write_ready(args.ready_file, server.address)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from multiverso_py.acks import AddTracker
+from multiverso_py.auth import Auth
 from multiverso_py.batching import BATCH_BYTES, Batch, OpenBatches, chunk_messages, merge_adds, part_bytes, split_large
 from multiverso_py.control import ControlRequests
 from multiverso_py.errors import ConnectionLost, MultiversoError, RequestTimeout, exception_for
@@ -65,6 +66,7 @@ class _Pending:
 class ClientConfig:
     timeout: float = 60.0
     limits: Limits = DEFAULT_LIMITS
+    auth: Optional[Auth] = None  # the job's token, when it has one
 
 
 class Client:
@@ -202,7 +204,7 @@ class Client:
                     conn.close()
 
     def _connection(self) -> Connection:
-        return Connection(self._on_frame, self._on_close, self.config.limits, self._allocate)
+        return Connection(self._on_frame, self._on_close, self.config.limits, self._allocate, auth=self.config.auth)
 
     async def _ask_scheduler(self, msg_type: MsgType, body: dict, what: str) -> Any:
         return await self._control.ask(self._scheduler, "the scheduler", msg_type, body, what)

@@ -46,6 +46,10 @@ class NotInitialized(MultiversoError):
     """An operation needs a running job: call mv.init() first."""
 
 
+class AuthFailed(ConnectFailed):
+    """A connection was refused: no token, or not the job's token."""
+
+
 class RemoteError(MultiversoError):
     """A server or the scheduler failed while handling a request."""
 
@@ -61,6 +65,7 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 6
     INVALID_ARGUMENT = 7
     INDEX_OUT_OF_RANGE = 8
+    AUTH_FAILED = 9
 
 
 _CODE_TO_EXCEPTION: dict[ErrorCode, type[MultiversoError]] = {
@@ -72,6 +77,7 @@ _CODE_TO_EXCEPTION: dict[ErrorCode, type[MultiversoError]] = {
     ErrorCode.SHUTTING_DOWN: ConnectionLost,
     ErrorCode.INVALID_ARGUMENT: InvalidArgument,
     ErrorCode.INDEX_OUT_OF_RANGE: IndexOutOfRange,
+    ErrorCode.AUTH_FAILED: AuthFailed,
 }
 _EXCEPTION_TO_CODE = {exc: code for code, exc in _CODE_TO_EXCEPTION.items()}
 

@@ -26,6 +26,8 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# What a peer may send before it has authenticated: a handshake frame and nothing big.
+HANDSHAKE_LIMITS = Limits(max_header_bytes=1024, max_buffers=0, max_frame_bytes=2048)
 
 
 class MsgType(enum.IntEnum):
@@ -50,6 +52,9 @@ class MsgType(enum.IntEnum):
     # consistency: worker -> server (a worker finished a clock), scheduler -> server
     CLOCK = 29
     WORKER_LEFT = 30
+    # connection set-up: acceptor -> connector (a nonce when a token is required), and the answer
+    HELLO = 31
+    AUTH = 32
 
 
 TABLE_OPS = frozenset({MsgType.GET, MsgType.ADD, MsgType.SET})
@@ -95,6 +100,8 @@ SCHEMAS: dict[MsgType, _Schema] = {
     MsgType.SHUTDOWN: {},
     MsgType.CLOCK: {"client": (_INT, True)},
     MsgType.WORKER_LEFT: {"worker": (_INT, True)},
+    MsgType.HELLO: {"nonce": ((bytes,), False)},
+    MsgType.AUTH: {"mac": ((bytes,), True)},
 }
 # A part of a table operation or of its reply: one partition's slice of the request.
 _PART_SCHEMA: _Schema = {

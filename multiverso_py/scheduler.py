@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from multiverso_py import tables
+from multiverso_py.auth import Auth
 from multiverso_py.errors import ErrorCode, MultiversoError, TableSpecMismatch, code_for, exception_for
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType
 from multiverso_py.tables.base import TableSpec
@@ -29,6 +30,7 @@ class SchedulerConfig:
     timeout: float = 60.0  # how long a table may wait for its master worker's content
     heartbeat_timeout: float = 30.0  # a worker silent this long is declared dead
     limits: Limits = DEFAULT_LIMITS
+    auth: Optional[Auth] = None  # required of every connection when set
 
     @property
     def heartbeat_interval(self) -> float:
@@ -97,7 +99,8 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
         self._listener = await loop.create_server(
-            lambda: Connection(self._on_frame, self._on_close, self.config.limits), self.config.host, self.config.port)
+            lambda: Connection(self._on_frame, self._on_close, self.config.limits, accept=True, auth=self.config.auth),
+            self.config.host, self.config.port)
         host, port = self._listener.sockets[0].getsockname()[:2]
         self.address = f"{host}:{port}"
         self._watch = loop.create_task(self._watch_workers())

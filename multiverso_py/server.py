@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from multiverso_py import tables
+from multiverso_py.auth import Auth
 from multiverso_py.consistency import Kind, Model, TableClock
 from multiverso_py.errors import ErrorCode, MultiversoError, ProtocolError, code_for
 from multiverso_py.local import LocalConnection, local_pair
@@ -38,6 +39,8 @@ class ServerConfig:
     connect_timeout: float = 10.0
     flush_timeout: float = 30.0  # a reader this slow is dropped: it holds partitions closed
     limits: Limits = DEFAULT_LIMITS
+    auth: Optional[Auth] = None  # required of every connection when set
+    handshake_timeout: float = 10.0  # a connection not authenticated by then is dropped
 
 
 class Turns:
@@ -200,7 +203,8 @@ class Server:
         return self.address
 
     def _new_connection(self) -> Connection:
-        conn = Connection(self._on_frame, self._on_close, self.config.limits)
+        conn = Connection(self._on_frame, self._on_close, self.config.limits, accept=True, auth=self.config.auth,
+                          handshake_timeout=self.config.handshake_timeout)
         self._connections.add(conn)
         return conn
 
@@ -289,7 +293,8 @@ class Server:
     async def register(self, scheduler: tuple[str, int]) -> int:
         """Join the job: register with the scheduler and take commands from it."""
         conn = await open_connection(*scheduler, lambda: Connection(self._on_scheduler_frame, self._on_scheduler_lost,
-                                                                     self.config.limits), self.config.connect_timeout)
+                                                                     self.config.limits, auth=self.config.auth),
+                                     self.config.connect_timeout)
         self._scheduler = conn
         self._register_reply = self.loop.create_future()
         host, port = self.address.rsplit(":", 1)

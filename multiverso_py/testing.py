@@ -10,13 +10,18 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Callable, Optional
 
+from multiverso_py.auth import Auth
+from multiverso_py.framing import FrameReader, encode_bytes
 from multiverso_py.launcher import Children, start_nodes, worker_env
+from multiverso_py.protocol import Frame, MsgType
+from multiverso_py.transport import parse_address
 
 
 class LocalCluster:
@@ -72,6 +77,34 @@ class LocalCluster:
 
     def worker_env(self, rank: int, **options) -> dict[str, str]:
         return worker_env(self.address, rank, **options)
+
+
+def raw_connection(address: str, timeout: float = 10.0, auth: Optional[Auth] = None) -> socket.socket:
+    """A plain socket to a scheduler or server, past the handshake (answered with `auth`
+    when the peer asks for a token): for tests that speak the wire protocol by hand."""
+    sock = socket.create_connection(parse_address(address), timeout=timeout)
+    reader = FrameReader()
+    hello = read_frame(sock, reader)
+    if hello.type is not MsgType.HELLO:
+        raise AssertionError(f"expected HELLO, got {hello.type.name}")
+    if "nonce" in hello.body and auth is not None:
+        sock.sendall(encode_bytes(MsgType.AUTH, 0, {"mac": auth.mac(hello.body["nonce"])}))
+        answer = read_frame(sock, reader)
+        if answer.type is not MsgType.REPLY:
+            raise AssertionError(f"authentication refused: {answer.body}")
+    return sock
+
+
+def read_frame(sock: socket.socket, reader: FrameReader) -> Frame:
+    """The next frame from a blocking socket (its timeout bounds the wait), where the peer
+    sends one frame and waits for an answer, as in the handshake."""
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("the peer closed the connection")
+        frames = reader.feed(data)
+        if frames:
+            return frames[0]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:

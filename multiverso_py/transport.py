@@ -3,6 +3,10 @@
 Sending hands the header and the arrays' memoryviews to transport.writelines, so arrays
 are never joined into one bytes object; receiving goes through a FrameReader, which reads
 large buffers straight into their destination.
+
+Every connection starts with a handshake (see multiverso_py.auth): the accepting side
+sends HELLO, with a nonce when the job has a token; the connecting side answers it before
+sending anything else. Frames reach their owner only after it.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Awaitable, Callable, Optional
 
-from multiverso_py.errors import ConnectFailed, ErrorCode, ProtocolError
+from multiverso_py.auth import Auth
+from multiverso_py.errors import AuthFailed, ConnectFailed, ErrorCode, ProtocolError
 from multiverso_py.framing import Allocator, FrameReader, encode
-from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType
+from multiverso_py.protocol import DEFAULT_LIMITS, HANDSHAKE_LIMITS, Frame, Limits, MsgType
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +49,19 @@ class Connection(asyncio.BufferedProtocol):
         on_close: Optional[CloseHandler] = None,
         limits: Limits = DEFAULT_LIMITS,
         allocator: Optional[Allocator] = None,
+        *,
+        accept: bool = False,  # the listening side, which opens the handshake
+        auth: Optional[Auth] = None,
+        handshake_timeout: float = 10.0,
     ):
         self.on_frame = on_frame
         self.on_close = on_close
         self.limits = limits
-        self.reader = FrameReader(limits, allocator)
+        self.reader = FrameReader(HANDSHAKE_LIMITS, allocator)  # until the handshake is done
+        self.open = False  # handshake done: frames go to on_frame
+        self.ready: Optional[asyncio.Future] = None  # the connecting side's handshake outcome
+        self._accept, self._auth, self._handshake_timeout = accept, auth, handshake_timeout
+        self._nonce: Optional[bytes] = None  # the acceptor's challenge; b"" once a connector answered
         self.transport: Optional[asyncio.Transport] = None
         self.peer = "?"
         self.closed = False
@@ -66,6 +79,16 @@ class Connection(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        loop = asyncio.get_running_loop()
+        if not self._accept:
+            self.ready = loop.create_future()
+            return
+        self._nonce = Auth.nonce() if self._auth else None
+        self.send(MsgType.HELLO, 0, {"nonce": self._nonce} if self._nonce else {})
+        if self._nonce is None:
+            self._open()
+        else:
+            loop.call_later(self._handshake_timeout, self._handshake_expired)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.reader.get_buffer(sizehint)
@@ -79,7 +102,52 @@ class Connection(asyncio.BufferedProtocol):
             self.close()
             return
         for frame in frames:
-            self.on_frame(self, frame)
+            if self.open:
+                self.on_frame(self, frame)
+            elif not self.closed:
+                self._handshake(frame)
+
+    # -- the handshake
+    def _handshake(self, frame: Frame) -> None:
+        if self._accept:
+            if frame.type is MsgType.AUTH and self._auth.check(self._nonce, frame.body["mac"]):
+                self.send(MsgType.REPLY, 0)
+                self._open()
+                return
+            why = "a wrong token" if frame.type is MsgType.AUTH else f"{frame.type.name} before authenticating"
+            log.warning("refused connection from %s: %s", self.peer, why)
+            self.send_error(0, ErrorCode.AUTH_FAILED, "authentication failed: this job needs its shared token "
+                                                       "(MV_AUTH_TOKEN or MV_AUTH_TOKEN_FILE)")
+            self.close()
+        elif frame.type is MsgType.HELLO and "nonce" not in frame.body:
+            self._open()
+        elif frame.type is MsgType.HELLO and self._auth is None:
+            self._refused("it requires the job's shared token: set MV_AUTH_TOKEN or MV_AUTH_TOKEN_FILE")
+        elif frame.type is MsgType.HELLO:
+            self.send(MsgType.AUTH, 0, {"mac": self._auth.mac(frame.body["nonce"])})
+            self._nonce = b""
+        elif frame.type is MsgType.REPLY and self._nonce == b"":
+            self._open()
+        elif frame.type is MsgType.ERROR:
+            self._refused(frame.body["message"])
+        else:
+            self._refused(f"it sent {frame.type.name} before the handshake")
+
+    def _open(self) -> None:
+        self.open = True
+        self.reader.limits = self.limits
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_result(None)
+
+    def _refused(self, why: str) -> None:
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_exception(AuthFailed(f"{self.peer} refused the connection: {why}"))
+        self.close()
+
+    def _handshake_expired(self) -> None:
+        if not self.open and not self.closed:
+            log.warning("dropping %s: no authentication within %ss", self.peer, self._handshake_timeout)
+            self.abort()
 
     def eof_received(self) -> bool:
         return False  # close the transport
@@ -88,6 +156,8 @@ class Connection(asyncio.BufferedProtocol):
         if self.reader.mid_frame:
             log.warning("connection from %s closed in the middle of a frame", self.peer)
         self.closed = self._lost = True
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_exception(ConnectFailed(f"{self.peer} closed the connection during the handshake"))
         self._run_flush_waiters()
         if self.on_close is not None:
             self.on_close(self, exc)
@@ -148,6 +218,13 @@ async def open_connection(host: str, port: int, factory: Callable[[], Connection
         raise ConnectFailed(
             f"cannot connect to {host}:{port} ({exc or 'timed out'}); check the address and that the process is running"
         ) from None
+    try:
+        await asyncio.wait_for(asyncio.shield(conn.ready), timeout)
+    except asyncio.TimeoutError:
+        conn.ready.cancel()
+        conn.abort()
+        raise ConnectFailed(f"{host}:{port} accepted the connection but sent no handshake within {timeout}s; "
+                            "is it a multiverso-py scheduler or server?") from None
     return conn
 
 

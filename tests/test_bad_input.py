@@ -27,6 +27,7 @@ import multiverso_py as mv
 from multiverso_py.errors import ErrorCode
 from multiverso_py.framing import MAGIC, PREFIX, VERSION, FrameReader, encode_bytes
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, MsgType, pack_parts
+from multiverso_py import testing
 from multiverso_py.testing import LocalCluster, wait_for
 
 SIZE = 4096  # elements in the well-behaved worker's table
@@ -140,7 +141,7 @@ def send_raw(address: str, data: bytes, *, want_frames: int = 1, close_after_sen
              until_closed: bool = False) -> Answer:
     """Send data on a fresh connection and collect what comes back: until `want_frames`
     frames arrived, or (until_closed) until the peer closes; bounded by IO_TIMEOUT."""
-    sock = socket.create_connection(_address(address), timeout=IO_TIMEOUT)
+    sock = testing.raw_connection(address, timeout=IO_TIMEOUT)
     reader = FrameReader()
     frames: list[Frame] = []
     closed = False

@@ -4,7 +4,6 @@ answers "moved" for a partition it does not hold and the client recovers; a rese
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -12,15 +11,14 @@ import pytest
 import multiverso_py as mv
 from multiverso_py.framing import FrameReader, encode_bytes
 from multiverso_py.protocol import MsgType, pack_parts
-from multiverso_py.testing import LocalCluster
-from multiverso_py.transport import parse_address
+from multiverso_py.testing import LocalCluster, raw_connection
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _request(address: str, msg_type: MsgType, body: dict, buffers=(), req_id: int = 7):
     """Send one frame on a fresh connection and return the first reply frame."""
-    with socket.create_connection(parse_address(address), timeout=10) as sock:
+    with raw_connection(address) as sock:
         sock.sendall(encode_bytes(msg_type, req_id, body, buffers))
         reader = FrameReader()
         while True:

@@ -16,7 +16,7 @@ from multiverso_py.framing import encode_bytes
 from multiverso_py.protocol import Limits, MsgType, pack_parts
 from multiverso_py.scheduler import Scheduler, SchedulerConfig
 from multiverso_py.server import Server, ServerConfig
-from multiverso_py.testing import LocalCluster
+from multiverso_py.testing import LocalCluster, raw_connection
 from multiverso_py.transport import LoopThread, parse_address
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,7 +26,7 @@ ROWS = 4 << 20  # 16 MiB of float32: two partitions, each big enough to be sent 
 
 def _raw_adds(address: str, body: dict, buffers, count: int) -> None:
     """Push `count` adds of one partition over a raw connection, reading every reply."""
-    with socket.create_connection(parse_address(address), timeout=30) as sock:
+    with raw_connection(address, timeout=30) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for seq in range(1, count + 1):
             sock.sendall(encode_bytes(MsgType.ADD, seq, {**body, "seq": seq}, buffers))
@@ -96,7 +96,7 @@ def test_a_reader_that_never_reads_is_dropped_and_frees_the_partition():
         table = mv.ArrayTable(ROWS, name="stall")
         info = table._info
         # A peer asks for the whole table many times over and never reads a byte.
-        stalled = socket.create_connection(parse_address(server.address), timeout=10)
+        stalled = raw_connection(server.address)
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         get = encode_bytes(MsgType.GET, 1, {"table": info.table_id, "client": 77, "seq": 1,
                                             "map": info.map_version, "parts": [{"p": 0}, {"p": 1}]})
