@@ -6,9 +6,11 @@ from a worker at clock c may run once the slowest live worker's clock reaches a 
 - ssp(s): a get waits for level c - s; adds run at once;
 - bsp: a get waits for level c; an add made at clock c is held until level c + 1 (every
   live worker finished clock c), so all gets at clock c see the same values.
-Held requests run in (level, adds before gets, arrival) order, and a worker's requests on
-a table never overtake each other. A worker that leaves stops counting. All of this runs
-on the server's event loop: no locks.
+Held requests run in (level, adds before gets, arrival) order. Nothing a worker sends
+after a get overtakes that get while it is held (an add must not land in a read issued
+before it); a BSP get may pass the worker's own held adds of its clock, which by BSP's
+rule it must not see. A worker that leaves stops counting. All of this runs on the
+server's event loop: no locks.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class _Held:
     key: tuple[float, int]  # (level, kind)
     arrival: int
     worker: int = field(compare=False)
+    kind: Kind = field(compare=False)
     release: Callable[[], None] = field(compare=False)
 
 
@@ -58,8 +61,8 @@ class TableClock:
         self.model, self.staleness = model, staleness
         self.clocks = dict(clocks)
         self._held: list[_Held] = []  # a heap
-        self._last_key: dict[int, tuple[float, int]] = {}  # worker -> key of its latest held request
-        self._held_by: dict[int, int] = {}  # worker -> how many of its requests are held
+        self._last_get: dict[int, tuple[float, int]] = {}  # worker -> key of its latest held get
+        self._gets_held: dict[int, int] = {}  # worker -> how many of its gets are held
         self._arrivals = itertools.count()
 
     def slowest(self) -> float:
@@ -75,12 +78,13 @@ class TableClock:
         clock = self.clocks.get(worker)
         if clock is None:
             raise InvalidArgument(f"worker {worker} is not a live worker of this job (it left or was declared dead)")
-        key = max(self._key(clock, kind), self._last_key.get(worker, _AT_ONCE))
+        key = max(self._key(clock, kind), self._last_get.get(worker, _AT_ONCE))
         if key[0] <= self.slowest():
             return True
-        heapq.heappush(self._held, _Held(key, next(self._arrivals), worker, release))
-        self._last_key[worker] = key
-        self._held_by[worker] = self._held_by.get(worker, 0) + 1
+        heapq.heappush(self._held, _Held(key, next(self._arrivals), worker, kind, release))
+        if kind is Kind.GET:
+            self._last_get[worker] = key
+            self._gets_held[worker] = self._gets_held.get(worker, 0) + 1
         return False
 
     def _key(self, clock: int, kind: Kind) -> tuple[float, int]:
@@ -105,8 +109,9 @@ class TableClock:
         slowest = self.slowest()
         while self._held and self._held[0].key[0] <= slowest:
             held = heapq.heappop(self._held)
-            self._held_by[held.worker] -= 1
-            if not self._held_by[held.worker]:
-                del self._held_by[held.worker], self._last_key[held.worker]
+            if held.kind is Kind.GET:
+                self._gets_held[held.worker] -= 1
+                if not self._gets_held[held.worker]:
+                    del self._gets_held[held.worker], self._last_get[held.worker]
             held.release()
 

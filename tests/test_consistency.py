@@ -70,6 +70,17 @@ def test_a_workers_requests_never_overtake_its_held_ones() -> None:
     assert rec.released == ["get", "add after it"]
 
 
+def test_a_bsp_get_passes_its_own_workers_held_adds_of_the_clock() -> None:
+    """add; get (no clock in between): the get must not see the add, so it need not wait for it."""
+    clock, rec = TableClock(Model.BSP, 0, {0: 0, 1: 0}), Recorder()
+    assert not rec.admit(clock, 0, Kind.ADD, "add 0@0")
+    assert rec.admit(clock, 0, Kind.GET, "get 0@0")
+    assert not rec.admit(clock, 0, Kind.ADD, "second add 0@0")
+    clock.tick(0)
+    clock.tick(1)
+    assert rec.released == ["add 0@0", "second add 0@0"]
+
+
 def test_a_worker_that_leaves_stops_counting() -> None:
     clock, rec = TableClock(Model.BSP, 0, {0: 0, 1: 0, 2: 0}), Recorder()
     clock.tick(0)
@@ -325,7 +336,8 @@ def test_a_hung_worker_is_declared_dead_by_heartbeat_and_stops_counting(tmp_path
 
 
 def test_ssp_and_bsp_in_an_embedded_job() -> None:
-    """One worker alone is never held back: its gets see its own adds of earlier clocks."""
+    """One worker alone is never held back: its gets see its own adds of earlier clocks
+    (and, under BSP, not those of the current one)."""
     import multiverso_py as mv
 
     with mv.init():
@@ -336,4 +348,6 @@ def test_ssp_and_bsp_in_an_embedded_job() -> None:
             np.testing.assert_array_equal(ssp.get(), np.full(3, c))
             bsp.add(np.ones(3))
             ssp.add(np.ones(3))
+            np.testing.assert_array_equal(bsp.get(), np.full(3, c))  # BSP: not even its own add of clock c
+            np.testing.assert_array_equal(ssp.get(), np.full(3, c + 1))  # SSP: read-your-writes
             mv.clock()
