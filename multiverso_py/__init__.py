@@ -19,6 +19,7 @@ from multiverso_py.api import (
     workers_num,
 )
 from multiverso_py.errors import (
+    AuthFailed,
     ConnectFailed,
     ConnectionLost,
     IndexOutOfRange,
@@ -42,5 +43,5 @@ __all__ = [
     "init", "shutdown", "worker_id", "workers_num", "servers_num", "is_master_worker", "barrier", "clock", "Job",
     "ArrayTable", "MatrixTable", "SparseMatrixTable", "KVTable",
     "MultiversoError", "InvalidArgument", "IndexOutOfRange", "ConnectFailed", "ConnectionLost", "RequestTimeout",
-    "TableSpecMismatch", "TableNotFound", "NotInitialized", "ProtocolError", "RemoteError",
+    "TableSpecMismatch", "TableNotFound", "NotInitialized", "ProtocolError", "RemoteError", "AuthFailed",
 ]

@@ -17,7 +17,7 @@ import pytest
 import multiverso_py as mv
 from multiverso_py import testing
 from multiverso_py.auth import Auth, load_auth
-from multiverso_py.errors import AuthFailed, ErrorCode, InvalidArgument
+from multiverso_py.errors import ErrorCode, InvalidArgument
 from multiverso_py.framing import MAGIC, PREFIX, VERSION, FrameReader, encode_bytes
 from multiverso_py.protocol import MsgType
 from multiverso_py.server import Server, ServerConfig
@@ -77,10 +77,10 @@ def read_answer(sock: socket.socket) -> list:
 def test_a_worker_with_the_token_works_and_others_are_refused(secured: testing.LocalCluster,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MV_AUTH_TOKEN")
-    with pytest.raises(AuthFailed, match="requires the job's shared token: set MV_AUTH_TOKEN"):
+    with pytest.raises(mv.AuthFailed, match="requires the job's shared token: set MV_AUTH_TOKEN"):
         mv.init(secured.address, timeout=10)
     monkeypatch.setenv("MV_AUTH_TOKEN", "not-the-token-of-this-job-at-all")
-    with pytest.raises(AuthFailed, match="authentication failed"):
+    with pytest.raises(mv.AuthFailed, match="authentication failed"):
         mv.init(secured.address, timeout=10)
     monkeypatch.setenv("MV_AUTH_TOKEN", TOKEN)
     with mv.init(secured.address, timeout=10):
