@@ -171,9 +171,10 @@ def rows(runs: dict[str, list[Run]]) -> list[Row]:
     return out
 
 
-def overhead(runs: dict[str, list[Run]], key: str) -> float:
-    """The median over rounds of 1 - PS / local, each round against its own local run."""
-    return statistics.median(1 - p.samples_per_s / q.samples_per_s for p, q in zip(runs[key], runs["local"]))
+def round_ratios(runs: dict[str, list[Run]], key: str) -> list[float]:
+    """PS samples/s over the local run's, round by round (the local run of the same round
+    shares its load)."""
+    return [p.samples_per_s / q.samples_per_s for p, q in zip(runs[key], runs["local"])]
 
 
 def notes(settings: Settings, runs: dict[str, list[Run]]) -> list[str]:
@@ -181,9 +182,11 @@ def notes(settings: Settings, runs: dict[str, list[Run]]) -> list[str]:
     per_round = "; ".join(f"{k} " + "/".join(f"{r.accuracy:.1%}" for r in v) for k, v in runs.items())
     return [
         "",
-        "1-worker overhead (median over rounds, each round against the local run in the same process): "
-        f"{overhead(runs, 'exact'):.1%} waiting for each step's pull, {overhead(runs, 'overlap'):.1%} with "
-        "overlap=True (Multiverso's torch binding: 10.8%; target ≤ 10%).",
+        "1-worker overhead, 1 - PS / local: " + "; ".join(
+            f"{label} {1 - statistics.median(round_ratios(runs, key)):.1%} (per round: "
+            + ", ".join(f"{1 - r:.0%}" for r in round_ratios(runs, key)) + ")"
+            for key, label in (("exact", "waiting for each step's pull"), ("overlap", "overlap=True")))
+        + " — the median of each round against its own local run; Multiverso's torch binding: 10.8%, target ≤ 10%.",
         "Test accuracy (median over rounds): " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) +
         f" (per round: {per_round}).",
         f"Setup: {settings.epochs} epochs of the 1,438 training images, minibatches of {settings.batch}, Adam lr "
