@@ -1,47 +1,81 @@
 """``python -m benchmarks [--quick]``: measure this machine's raw limits, then run every
-benchmark against them (and against the torch.distributed.rpc peer) in the same run,
-and write benchmarks/results/."""
+benchmark against them and against the peer parameter servers (Ray actor,
+torch.distributed.rpc) in the same run, and write benchmarks/results/."""
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
-from benchmarks import dense, limits, peers, report, sparse
+from benchmarks import concurrent, dense, limits, memory, peers, report, sparse, versus
+
+T = TypeVar("T")
+
+
+def _print_figures(title: str, figures: dict[str, float]) -> None:
+    width = max(map(len, figures))
+    print(f"\n## {title}\n")
+    for name, value in figures.items():
+        print(f"    {name:<{width}}  {value:>14,.2f}")
+
+
+def _print_table(title: str, rows: list[report.Row], notes: list[str], quick: bool) -> None:
+    print(f"\n## {title} ({'quick' if quick else 'full'})\n")
+    print(report.markdown(rows, notes))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds (about 30 s)")
-    args = parser.parse_args(argv)
-    quick = args.quick
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds (under a minute)")
+    quick = parser.parse_args(argv).quick
     start = time.perf_counter()
-    before = limits.measure_all(quick)
-    dense_rows = dense.run(before, quick)
-    peer = peers.measure_torch_rpc((sparse.QUICK if quick else sparse.FULL).peer)
-    sparse_rows, extra = sparse.run(before, peer, quick)
-    measured = limits.best_of(before, limits.measure_all(quick))  # before and after the workloads
-    report.rebase(dense_rows + sparse_rows, measured)
-    width = max(map(len, measured))
-    print("## raw limits (best of before and after the workloads)\n")
-    for name, value in measured.items():
-        print(f"    {name:<{width}}  {value:>14,.2f}")
-    if peer is not None:
-        print("\n## torch.distributed.rpc peer (medians; small_get_us: p50)\n")
-        for name, values in peer.items():
-            print(f"    {name:<{width}}  {statistics.median(values):>14,.2f}")
-    print(f"\n## dense ({'quick' if quick else 'full'})\n")
-    print(dense.markdown(dense_rows, quick))
-    print(f"\n## sparse, KV and small adds ({'quick' if quick else 'full'})\n")
-    print(report.markdown(sparse_rows, sparse.notes(extra, quick)))
-    dense.write_results(dense_rows, measured, quick)
-    sparse.write_results(sparse_rows, extra, measured, peer, quick)
-    print(f"\nwrote {report.RESULTS}/{{dense,sparse}}.{{json,md,png}}{' and torch_rpc.json' if peer else ''} "
-          f"in {time.perf_counter() - start:.1f} s total")
-    return 0
+    spent: dict[str, float] = {}  # seconds per part, printed at the end
 
+    def timed(part: str, action: Callable[[], T]) -> T:
+        begin = time.perf_counter()
+        try:
+            return action()
+        finally:
+            spent[part] = spent.get(part, 0.0) + time.perf_counter() - begin
+
+    peer_sizes = peers.QUICK if quick else peers.FULL
+    before = timed("limits", lambda: limits.measure_all(quick))
+    dense_rows = timed("dense", lambda: dense.run(before, quick))
+    measured = {peer: timed(peer.key, lambda: peers.measure(peer, peer_sizes)) for peer in (peers.TORCH_RPC, peers.RAY)}
+    sparse_rows, sparse_extra = timed("sparse", lambda: sparse.run(before, measured[peers.TORCH_RPC], quick))
+    concurrent_rows, concurrent_extra = timed("concurrent", lambda: concurrent.run(before, quick))
+    memory_rows, memory_extra = timed("memory", lambda: memory.run(quick))
+    versus_rows = versus.run(dense_rows + sparse_rows, measured[peers.RAY], measured[peers.TORCH_RPC], peer_sizes)
+    best = limits.best_of(before, timed("limits", lambda: limits.measure_all(quick)))  # before and after
+    report.rebase(dense_rows + sparse_rows + concurrent_rows, best)
+
+    _print_figures("raw limits (best of before and after the workloads)", best)
+    for peer, samples in measured.items():
+        if samples is not None:
+            _print_figures(f"{peer.name} (medians; latencies: p50 and p99)", peers.figures(samples))
+    _print_table("dense and small ops", dense_rows, [dense.QUICK_NOTE] if quick else [], quick)
+    _print_table("sparse, KV and small adds", sparse_rows, sparse.notes(sparse_extra, quick), quick)
+    _print_table("concurrent push", concurrent_rows, concurrent.notes(concurrent_extra, quick), quick)
+    if memory_rows:
+        _print_table("peak memory of a big pull", memory_rows, memory.notes(memory_extra, quick), quick)
+    _print_table("against the peers", versus_rows, versus.NOTES, quick)
+
+    dense.write_results(dense_rows, best, quick)
+    sparse.write_results(sparse_rows, sparse_extra, best, quick)
+    concurrent.write_results(concurrent_rows, concurrent_extra, best, quick)
+    if memory_rows:
+        memory.write_results(memory_rows, memory_extra, quick)
+    versus.write_results(versus_rows, best, quick, peer_sizes)
+    for peer, samples in measured.items():
+        if samples is not None:
+            peers.save(peer, samples, peer_sizes, quick)
+    print(f"\nwrote {report.RESULTS}/{{dense,sparse,concurrent,memory,peers}}.{{json,md,png}} and the peers' "
+          f"figures in {time.perf_counter() - start:.1f} s total "
+          f"({', '.join(f'{part} {seconds:.1f} s' for part, seconds in spent.items())})")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

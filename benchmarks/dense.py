@@ -23,7 +23,11 @@ from benchmarks.report import Row
 from multiverso_py.testing import LocalCluster
 
 MiB = 1 << 20
-PULL_TARGET = 0.5  # the current issue's target: dense pull >= 50% of the socket stream
+PULL_TARGET = 0.8  # dense pull >= 0.8x the socket stream
+PUSH_TARGET = 0.65  # dense push >= 0.65x the socket stream
+SMALL_GET_TARGET = 1.5  # small get p50 <= 1.5x the uvloop round trip
+SMALL_ADD_TARGET = 150_000  # adds/s
+EMBEDDED_PULL_TARGET = 0.4  # embedded pull >= 40% of memcpy
 ADD_WINDOW = 64  # in-flight adds in the windowed run, as the spec's reference figures use
 
 
@@ -107,33 +111,40 @@ def run(limits: dict[str, float], quick: bool = False) -> list[Row]:
             adds_win = [_adds_windowed(small, sizes.small_adds, ADD_WINDOW) for _ in range(3)]
         finally:
             mv.shutdown()
-    mv.init()  # embedded: scheduler and server on this process's I/O thread
+    mv.init()  # embedded: scheduler and server on this process's I/O thread, reached without a socket
     try:
-        embedded = _gbps(sizes.dense_bytes, timed_rounds(mv.ArrayTable(floats, name="dense").get, sizes.rounds))
+        embedded, embedded_out, embedded_push = _dense(mv.ArrayTable(floats, name="dense"), sizes)
     finally:
         mv.shutdown()
 
     msgs, p50, p99 = (limits[k] for k in ("uvloop_pipelined_msgs_per_s", "uvloop_pingpong_p50_us",
                                           "uvloop_pingpong_p99_us"))
     med = statistics.median
+    def vs_memcpy(key: str, workload: str, samples: list[float], target: float | None) -> Row:
+        return Row(key, workload, med(samples), "GB/s", "memcpy", memcpy, target=target, samples=samples,
+                   limit_key="memcpy_gbps")
+
     return [
         Row("dense_pull", f"dense pull {mib} MiB, get()", med(pull), "GB/s", "socket stream", stream,
             target=PULL_TARGET, samples=pull, limit_key="socket_stream_gbps"),
         Row("dense_pull_out", f"dense pull {mib} MiB, get(out=)", med(pull_out), "GB/s", "socket stream", stream,
             target=PULL_TARGET, samples=pull_out, limit_key="socket_stream_gbps"),
-        Row("dense_push", f"dense push {mib} MiB, add()", med(push), "GB/s", "socket stream", stream, samples=push, limit_key="socket_stream_gbps"),
+        Row("dense_push", f"dense push {mib} MiB, add()", med(push), "GB/s", "socket stream", stream,
+            target=PUSH_TARGET, samples=push, limit_key="socket_stream_gbps"),
         Row("small_get_p50", "small get p50 (16 floats)", float(np.percentile(lat, 50)), "µs",
-            "uvloop round trip p50", p50, lower_is_better=True, limit_key="uvloop_pingpong_p50_us"),
+            "uvloop round trip p50", p50, lower_is_better=True, target=SMALL_GET_TARGET,
+            limit_key="uvloop_pingpong_p50_us"),
         Row("small_get_p99", "small get p99 (16 floats)", float(np.percentile(lat, 99)), "µs",
             "uvloop round trip p99", p99, lower_is_better=True, limit_key="uvloop_pingpong_p99_us"),
         Row("small_adds_all", f"small add_async, {sizes.small_adds:,} in flight", med(adds_all), "adds/s",
-            "uvloop pipelined", msgs, "msgs/s", samples=adds_all, limit_key="uvloop_pipelined_msgs_per_s"),
+            "uvloop pipelined", msgs, "msgs/s", samples=adds_all, limit_key="uvloop_pipelined_msgs_per_s",
+            target_value=SMALL_ADD_TARGET),
         Row("small_adds_window", f"small add_async, {ADD_WINDOW} in flight", med(adds_win), "adds/s",
             "uvloop pipelined", msgs, "msgs/s", samples=adds_win, limit_key="uvloop_pipelined_msgs_per_s"),
-        Row("embedded_pull", f"embedded pull {mib} MiB, get()", med(embedded), "GB/s", "memcpy", memcpy,
-            samples=embedded, limit_key="memcpy_gbps"),
+        vs_memcpy("embedded_pull", f"embedded pull {mib} MiB, get()", embedded, EMBEDDED_PULL_TARGET),
+        vs_memcpy("embedded_pull_out", f"embedded pull {mib} MiB, get(out=)", embedded_out, EMBEDDED_PULL_TARGET),
+        vs_memcpy("embedded_push", f"embedded push {mib} MiB, add()", embedded_push, None),
     ]
-
 
 QUICK_NOTE = ("quick: limits and workloads use 16 MiB and few rounds, so ratios can be off by 2x; "
               "judge targets on the full run.")

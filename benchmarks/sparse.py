@@ -46,7 +46,7 @@ QUICK = Sizes((10**5, 10**6), requests=10, rounds=3, kv_keys=250_000, small_adds
 QUICK_NOTE = "quick: fewer rounds, a 10^6-row largest table and 250k KV keys; judge targets on the full run."
 
 
-def _sci(n: int) -> str:
+def sci(n: int) -> str:
     """10**7 as 1e7."""
     return f"{n:.0e}".replace("e+0", "e").replace("e+", "e")
 
@@ -168,7 +168,7 @@ def run(limits: dict[str, float], peer: Samples | None, quick: bool = False) -> 
     main = by_size[sizes.peer.table_rows]
     pull, push = peer_median("sparse_pull_rows_per_s"), peer_median("sparse_push_rows_per_s")
     torch_adds = max(peer_median("small_adds_window_per_s"), peer_median("small_adds_all_per_s"))
-    shape = f"{_sci(sizes.peer.table_rows)}x{sizes.peer.cols}"
+    shape = f"{sci(sizes.peer.table_rows)}x{sizes.peer.cols}"
     n = sizes.peer.batch_rows
 
     def vs_torch(key: str, workload: str, samples: list[float], limit: float, what: str, unit: str = "rows/s",
@@ -188,8 +188,8 @@ def run(limits: dict[str, float], peer: Samples | None, quick: bool = False) -> 
     small, large = sizes.table_rows[0], sizes.table_rows[-1]
     for key, what in (("matrix_pull", "MatrixTable.get"), ("sparse_pull", "SparseMatrixTable.get (changed)"),
                       ("matrix_push", "MatrixTable.add")):
-        rows.append(Row(f"scale_{key}", f"{what} on {_sci(large)} rows", med(by_size[large][key]), "rows/s",
-                        f"same on {_sci(small)} rows", med(by_size[small][key]), target=SCALE_TARGET,
+        rows.append(Row(f"scale_{key}", f"{what} on {sci(large)} rows", med(by_size[large][key]), "rows/s",
+                        f"same on {sci(small)} rows", med(by_size[small][key]), target=SCALE_TARGET,
                         samples=by_size[large][key]))
     rows += [
         Row("kv_insert", f"KVTable.get, {sizes.kv_keys:,} new keys (whole pass)",
@@ -214,7 +214,7 @@ def size_table(extra: dict) -> str:
     by_size = extra["rows_per_s_by_table_size"]
     names = list(next(iter(by_size.values())))
     lines = ["| table rows | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {_sci(int(k))} | " + " | ".join(f"{v[w]:,.0f}" for w in names) + " |" for k, v in by_size.items()]
+    lines += [f"| {sci(int(k))} | " + " | ".join(f"{v[w]:,.0f}" for w in names) + " |" for k, v in by_size.items()]
     return "\n".join(lines)
 
 
@@ -222,13 +222,10 @@ def notes(extra: dict, quick: bool) -> list[str]:
     return ["", "Rows/s by table size (medians):", "", size_table(extra), *(["", QUICK_NOTE] if quick else [])]
 
 
-def write_results(rows: list[Row], extra: dict, limits: dict[str, float], peer: Samples | None, quick: bool) -> None:
-    """sparse.json / .md / .png, and torch_rpc.json with every figure of the peer."""
-    sizes = QUICK if quick else FULL
-    report.write_results("sparse", "Sparse, KV and small-add benchmark", rows, limits, quick, asdict(sizes),
-                         notes(extra, quick), extra)
-    if peer is not None:
-        peers.save_torch_rpc(peer, sizes.peer, quick)
+def write_results(rows: list[Row], extra: dict, limits: dict[str, float], quick: bool) -> None:
+    """sparse.json / .md / .png."""
+    report.write_results("sparse", "Sparse, KV and small-add benchmark", rows, limits, quick,
+                         asdict(QUICK if quick else FULL), notes(extra, quick), extra)
 
 
 def main(argv: list[str]) -> None:
@@ -236,10 +233,13 @@ def main(argv: list[str]) -> None:
 
     quick = "--quick" in argv
     limits = limits_mod.measure_all(quick)
-    peer = peers.measure_torch_rpc((QUICK if quick else FULL).peer)
+    sizes = (QUICK if quick else FULL).peer
+    peer = peers.measure(peers.TORCH_RPC, sizes)
     rows, extra = run(limits, peer, quick)
     print(report.markdown(rows, notes(extra, quick)))
-    write_results(rows, extra, limits, peer, quick)
+    write_results(rows, extra, limits, quick)
+    if peer is not None:
+        peers.save(peers.TORCH_RPC, peer, sizes, quick)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Peer parameter servers the benchmarks are judged against, each run as its own processes.
 
-This module only launches them: it never imports torch, so the multiverso_py benchmarks
-run in a process without it, and a machine without torch skips the peer.
+This module only launches them: it never imports torch or ray, so the multiverso_py
+benchmarks run in a process without them, and a machine without one skips that peer.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import importlib.util
 import json
 import multiprocessing as mp
 import os
+import signal
 import socket
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ class PeerSizes:
     rounds: int
     dense_bytes: int
     dense_rounds: int
-    small_adds: int  # adds per timed round: torch RPC does a few thousand per second
+    small_adds: int  # adds per timed round: the peers do a few thousand per second
     small_gets: int
 
 
@@ -44,8 +47,32 @@ FULL = PeerSizes(table_rows=1_000_000, cols=16, batch_rows=4096, requests=30, ro
                  dense_bytes=64 << 20, dense_rounds=5, small_adds=5000, small_gets=1000)
 QUICK = PeerSizes(table_rows=1_000_000, cols=16, batch_rows=4096, requests=10, rounds=3,
                   dense_bytes=16 << 20, dense_rounds=3, small_adds=1000, small_gets=200)
-PEER_TIMEOUT_S = 180.0  # the trainer's whole run, start-up included
-EXIT_GRACE_S = 20.0  # for rpc.shutdown on both sides once the trainer has reported
+PEER_TIMEOUT_S = 180.0  # the measuring process's whole run, start-up included
+EXIT_GRACE_S = 20.0  # for the framework's own shutdown once the measuring process has reported
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer's module exposes run_role(role, port, sizes, conn); the last role measures
+    and sends its Samples (or an error string) through conn, the others serve."""
+
+    name: str  # as printed and reported
+    key: str  # its results file: benchmarks/results/<key>.json
+    module: str
+    framework: str  # the distribution it needs; without it the peer is skipped
+    extra: str  # the multiverso-py extra that installs it
+    roles: tuple[str, ...]
+    own_session: bool = False  # the roles start daemons of their own: kill their process group after
+    env: tuple[tuple[str, str], ...] = ()  # set in each role's process before the module is imported
+
+
+TORCH_RPC = Peer("torch.distributed.rpc peer", "torch_rpc", "benchmarks.peers.torch_rpc", "torch", "torch",
+                 ("ps", "trainer"))
+# Local Ray as Ray runs it on macOS and Windows: every daemon bound to 127.0.0.1. No usage
+# stats; token authentication, as Ray's default for a local cluster, but said explicitly.
+RAY = Peer("Ray actor peer", "ray_ps", "benchmarks.peers.ray_ps", "ray", "peers", ("driver",), own_session=True,
+           env=(("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("RAY_USAGE_STATS_ENABLED", "0"),
+                ("RAY_AUTH_MODE", "token")))
 
 
 def free_port() -> int:
@@ -55,60 +82,106 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_role(module: str, role: str, port: int, sizes: PeerSizes, conn: Connection | None, parent: int) -> None:
+def _run_role(peer: Peer, role: str, port: int, sizes: PeerSizes, conn: Connection | None, parent: int) -> None:
     """Child entry point: import the peer here, so only the children load its framework."""
+    if peer.own_session:
+        os.setsid()  # whatever the framework starts shares this group, so none can outlive the run
     watchdog(parent)
-    importlib.import_module(module).run_role(role, port, sizes, conn)
+    os.environ.update(peer.env)
+    importlib.import_module(peer.module).run_role(role, port, sizes, conn)
 
 
-def measure_torch_rpc(sizes: PeerSizes, timeout_s: float = PEER_TIMEOUT_S) -> Samples | None:
-    """Run the torch.distributed.rpc peer (benchmarks.peers.torch_rpc) as a server and a
-    trainer process; their samples, or None (with the reason printed) when it cannot run."""
-    if importlib.util.find_spec("torch") is None:
-        print("note: torch is not importable; skipping the torch.distributed.rpc peer")
+def reply(conn: Connection, train: Callable[[], Samples]) -> None:
+    """For a peer's measuring role: send train()'s samples, or what went wrong, which the
+    launcher prints before skipping the peer."""
+    try:
+        conn.send(train())
+    except Exception as exc:  # noqa: BLE001 - reported by the launcher
+        conn.send(f"{type(exc).__name__}: {exc}")
+
+
+def measure(peer: Peer, sizes: PeerSizes, timeout_s: float = PEER_TIMEOUT_S) -> Samples | None:
+    """Run the peer's processes; the samples of its measuring role, or None (with the
+    reason printed) when it cannot run."""
+    if importlib.util.find_spec(peer.framework) is None:
+        print(f"note: {peer.framework} is not installed; skipping the {peer.name} "
+              f"(pip install 'multiverso-py[{peer.extra}]')")
         return None
     ctx = mp.get_context("spawn")
     port = free_port()
     recv_end, send_end = ctx.Pipe(duplex=False)
-    module = "benchmarks.peers.torch_rpc"
-    procs = [ctx.Process(target=_run_role, args=(module, "ps", port, sizes, None, os.getpid()), daemon=True),
-             ctx.Process(target=_run_role, args=(module, "trainer", port, sizes, send_end, os.getpid()), daemon=True)]
+    procs = [ctx.Process(target=_run_role, daemon=True,
+                         args=(peer, role, port, sizes, send_end if role == peer.roles[-1] else None, os.getpid()))
+             for role in peer.roles]
     for proc in procs:
         proc.start()
     send_end.close()
-    result: Samples | None = None
-    replied = False  # then both shut down by themselves; otherwise they are killed at once
+    replied = False  # then they shut down by themselves; otherwise they are killed at once
     try:
-        if recv_end.poll(timeout_s):
-            reply: Any = recv_end.recv()
-            replied = True
-            if isinstance(reply, dict):
-                result = reply
-            else:
-                print(f"note: the torch.distributed.rpc peer failed: {reply}")
-        else:
-            print(f"note: the torch.distributed.rpc peer did not finish within {timeout_s:g} s; skipping it")
-    except EOFError:
-        print(f"note: the torch.distributed.rpc peer exited early ({[p.exitcode for p in procs]}); skipping it")
+        result, replied = _receive(peer, recv_end, procs, timeout_s)
     finally:
         recv_end.close()
-        for proc in procs:
-            proc.join(EXIT_GRACE_S if replied else 0)
-        for proc in procs:  # all at once: a survivor logs its lost peer loudly
-            if proc.is_alive():
-                proc.kill()
-        for proc in procs:
-            proc.join()
+        _stop(procs, EXIT_GRACE_S if replied else 0, peer.own_session)
     return result
 
 
-def save_torch_rpc(samples: Samples, sizes: PeerSizes, quick: bool, out: Path = report.RESULTS) -> None:
-    """torch_rpc.json: the peer's medians (latency percentiles) and samples, for any
-    benchmark that reports against it."""
-    figures = {name: statistics.median(values) for name, values in samples.items() if name != "small_get_us"}
-    for pct in (50, 99):
-        figures[f"small_get_p{pct}_us"] = float(np.percentile(samples["small_get_us"], pct))
-    data = {"mode": "quick" if quick else "full", "sizes": asdict(sizes), "torch": importlib.metadata.version("torch"),
-            "machine": report.machine_info(), "figures": figures, "samples": samples}
+def _receive(peer: Peer, conn: Connection, procs: list[BaseProcess], timeout_s: float) -> tuple[Samples | None, bool]:
+    """The peer's samples, and whether it replied at all."""
+    try:
+        if not conn.poll(timeout_s):
+            print(f"note: the {peer.name} did not finish within {timeout_s:g} s; skipping it")
+            return None, False
+        answer: Any = conn.recv()
+    except EOFError:
+        for proc in procs:
+            proc.join(1.0)  # for its exit code
+        print(f"note: the {peer.name} exited early (exit codes {[p.exitcode for p in procs]}); skipping it")
+        return None, False
+    if not isinstance(answer, dict):
+        print(f"note: the {peer.name} failed: {answer}")
+        return None, True
+    return answer, True
+
+
+def _stop(procs: list[BaseProcess], grace_s: float, own_session: bool) -> None:
+    for proc in procs:
+        proc.join(grace_s)
+    for proc in procs:  # all at once: a survivor logs its lost peer loudly
+        if proc.is_alive():
+            proc.kill()
+    for proc in procs:
+        proc.join()
+        if own_session:
+            _kill_group(proc.pid)
+
+
+def _kill_group(pgid: int | None) -> None:
+    """Kill what is left of a process group that a peer process led (a daemon its
+    framework started that outlived it); nothing when the group is empty."""
+    if pgid is None:
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def figures(samples: Samples) -> dict[str, float]:
+    """Medians of every figure; latencies (names ending _us) as p50 and p99 of every call."""
+    out: dict[str, float] = {}
+    for name, values in samples.items():
+        if name.endswith("_us"):
+            stem = name[:-3]
+            out[f"{stem}_p50_us"], out[f"{stem}_p99_us"] = (float(np.percentile(values, p)) for p in (50, 99))
+        else:
+            out[name] = statistics.median(values)
+    return out
+
+
+def save(peer: Peer, samples: Samples, sizes: PeerSizes, quick: bool, out: Path = report.RESULTS) -> None:
+    """<key>.json: the peer's figures and samples, for any benchmark that reports against it."""
+    data = {"mode": "quick" if quick else "full", "sizes": asdict(sizes),
+            peer.framework: importlib.metadata.version(peer.framework),
+            "machine": report.machine_info(), "figures": figures(samples), "samples": samples}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "torch_rpc.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{peer.key}.json").write_text(json.dumps(data, indent=2) + "\n")

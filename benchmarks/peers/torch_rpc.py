@@ -6,17 +6,14 @@ processes on 127.0.0.1 (MASTER_ADDR/MASTER_PORT rendezvous), listening on loopba
 
 Measures what the multiverso_py benchmarks measure: sparse row pull/push, small adds,
 small get latency and the dense pull/push. Run with
-``python -m benchmarks.peers.torch_rpc [--quick]``; the suite starts it through
-benchmarks.peers.measure_torch_rpc.
+``python -m benchmarks.peers torch_rpc [--quick]``; the suite starts it through
+benchmarks.peers.measure.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import statistics
-import sys
 import threading
 import time
 import warnings
@@ -31,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed import rpc
 
 from benchmarks.limits import timed_rounds
-from benchmarks.peers import FULL, QUICK, PeerSizes, Samples, measure_torch_rpc
+from benchmarks.peers import PeerSizes, Samples, reply
 
 RPC_TIMEOUT_S = 60.0
 SMALL = 16  # floats in the small table
@@ -161,15 +158,8 @@ def run_role(role: str, port: int, sizes: PeerSizes, conn: Connection | None) ->
     rpc.init_rpc(role, rank=0 if role == "ps" else 1, world_size=2, rpc_backend_options=options)
     try:
         if conn is not None:
-            try:
-                conn.send(_train(sizes))
-            except Exception as exc:  # noqa: BLE001 - reported by the launcher, which skips the peer
-                conn.send(f"{type(exc).__name__}: {exc}")
+            reply(conn, lambda: _train(sizes))
     finally:
         rpc.shutdown()  # graceful: the server waits here until the trainer is done too
         del store  # the store outlives shutdown, which still talks through it
 
-
-if __name__ == "__main__":
-    result = measure_torch_rpc(QUICK if "--quick" in sys.argv[1:] else FULL)
-    print(json.dumps(result and {name: statistics.median(values) for name, values in result.items()}, indent=2))

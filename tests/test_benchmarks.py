@@ -1,0 +1,84 @@
+"""Smoke tests of the benchmark suite's newer parts on tiny sizes: the Ray actor peer (when
+ray is installed) leaves no daemon behind, the concurrent push ends at its closed form,
+the memory probe reads peaks, and the comparison rows invert targets for latencies."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
+
+from benchmarks import concurrent, memory, peers, versus  # noqa: E402
+from benchmarks.report import Row  # noqa: E402
+
+TINY = peers.PeerSizes(table_rows=1000, cols=4, batch_rows=64, requests=2, rounds=1, dense_bytes=1 << 20,
+                       dense_rounds=1, small_adds=20, small_gets=10)
+RAY_DAEMONS = ("raylet", "gcs_server", "ray::")
+
+
+def _ray_processes_since(start: float) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline", "create_time"]):
+        names = [proc.info["name"] or "", *(proc.info["cmdline"] or [])[:1]]
+        if proc.info["create_time"] >= start and any(d in n for d in RAY_DAEMONS for n in names):
+            found.append(f"{proc.pid} {names}")
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_ray_peer_measures_every_figure_and_leaves_nothing_running() -> None:
+    pytest.importorskip("ray")
+    start = time.time() - 1
+    samples = peers.measure(peers.RAY, TINY)
+    assert samples is not None
+    figures = peers.figures(samples)
+    assert {case.peer_figure for case in versus.RAY} <= set(figures), figures
+    assert all(value > 0 for value in figures.values()), figures
+    assert len(samples["small_get_us"]) == TINY.small_gets
+    time.sleep(1)
+    assert _ray_processes_since(start) == []
+
+
+def test_a_missing_framework_skips_the_peer(capsys: pytest.CaptureFixture[str]) -> None:
+    absent = peers.Peer("absent peer", "absent", "benchmarks.peers.absent", "no_such_framework_here", "peers",
+                        ("driver",))
+    assert peers.measure(absent, TINY) is None
+    assert "no_such_framework_here is not installed; skipping the absent peer" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(90)
+def test_concurrent_push_ends_at_the_closed_form() -> None:
+    sizes = concurrent.Sizes(workers=2, servers=2, dense_bytes=1 << 20, pushes=2, rounds=2)
+    reports = concurrent.measure(sizes)
+    expected = concurrent.expected_value(sizes)
+    assert expected == 2 * (1 + 2 * 2)
+    assert all(r.final_min == r.final_max == expected for r in reports)
+    rates = concurrent.aggregate_gbps(reports, sizes)
+    assert len(rates) == sizes.rounds and all(rate > 0 for rate in rates)
+
+
+@pytest.mark.timeout(90)
+def test_memory_probe_sees_the_table_on_the_server_and_the_result_on_the_worker() -> None:
+    sizes = memory.Sizes(table_bytes=64 << 20)
+    figures = memory.measure(sizes)
+    assert figures["server_peak_out"] >= figures["server_idle"] + sizes.table_bytes * 0.9
+    assert figures["worker_peak_out"] >= figures["worker_idle"] + sizes.table_bytes * 0.9
+    rows = memory.rows(figures, sizes)
+    assert {row.verdict for row in rows if row.target is not None} <= {"PASS", "MISS"}
+
+
+def test_versus_rows_divide_by_the_peer_and_invert_latency_targets() -> None:
+    mine = [Row(case.ours, case.ours, 100.0, "µs" if "get_p" in case.ours else "GB/s", "limit", 1.0,
+                lower_is_better="get_p" in case.ours) for case in versus.RAY + versus.TORCH]
+    ray = {"small_get_us": [1000.0] * 100, **{case.peer_figure: [50.0] for case in versus.RAY if "_us" not in
+                                             case.peer_figure}}
+    rows = {row.key: row for row in versus.run(mine, ray, None, TINY)}
+    assert rows["ray_small_get_p50"].ratio == pytest.approx(0.1)
+    assert rows["ray_small_get_p50"].target == pytest.approx(0.1) and rows["ray_small_get_p50"].verdict == "PASS"
+    assert rows["ray_dense_push"].ratio == pytest.approx(2.0) and rows["ray_dense_push"].verdict == "PASS"
+    assert rows["torch_dense_pull"].verdict == "n/a" and "(skipped)" in rows["torch_dense_pull"].limit_name
