@@ -47,6 +47,11 @@ class LocalConnection:
     def unflushed(self) -> int:
         return 0
 
+    def pause_reading(self) -> None:
+        pass  # the in-process worker waits for its own replies; nothing piles up unread
+
+    resume_reading = pause_reading
+
     def close(self) -> None:
         if self.closed:
             return

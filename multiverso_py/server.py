@@ -41,6 +41,7 @@ class ServerConfig:
     limits: Limits = DEFAULT_LIMITS
     auth: Optional[Auth] = None  # required of every connection when set
     handshake_timeout: float = 10.0  # a connection not authenticated by then is dropped
+    max_in_flight: int = 1024  # requests of one connection being served; beyond it, reading pauses
 
 
 class Turns:
@@ -76,6 +77,39 @@ class Turns:
                         ready.append(successor)
         for successor in ready:
             self._pool.submit(successor.run)
+
+
+class FlowControl:
+    """Bounds the requests of each connection that are being served (queued for their
+    turn, running, or held by a clock), so a peer that floods a server fills its own
+    socket buffers instead of the server's memory: reading pauses at the limit and
+    resumes at half of it. On the event loop only."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._serving: dict[Any, int] = {}
+        self._paused: set[Any] = set()
+        self.peak = 0  # the most requests of one connection served at once, for tests and operators
+
+    def started(self, conn: Any) -> None:
+        n = self._serving[conn] = self._serving.get(conn, 0) + 1
+        self.peak = max(self.peak, n)
+        if n >= self.limit and conn not in self._paused:
+            self._paused.add(conn)
+            conn.pause_reading()
+
+    def finished(self, conn: Any) -> None:
+        n = self._serving.get(conn, 0) - 1
+        if n < 0:
+            return  # the connection was closed and forgotten meanwhile
+        self._serving[conn] = n
+        if n <= self.limit // 2 and conn in self._paused:
+            self._paused.discard(conn)
+            conn.resume_reading()
+
+    def forget(self, conn: Any) -> None:
+        self._serving.pop(conn, None)
+        self._paused.discard(conn)
 
 
 @dataclass
@@ -117,6 +151,7 @@ class _Job:
         parts, _ = pack_parts([(pid, {}, []) for pid, _, _, _ in self.parts])
         self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts})
         self.acknowledged = True
+        self.server.flow.finished(self.conn)  # held adds wait for clocks, which must still get through
 
     def run(self) -> None:
         op, body = self.frame.type, self.frame.body
@@ -153,6 +188,7 @@ class _Job:
     def reply(self) -> None:
         if self.acknowledged:
             return  # a failure was logged; the worker, told of success already, has moved on
+        self.server.flow.finished(self.conn)
         if self.error is None:
             try:
                 parts, buffers = pack_parts(self.results)
@@ -178,6 +214,7 @@ class Server:
         self.address = ""
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="mv-server")
         self.turns = Turns(self._pool)
+        self.flow = FlowControl(config.max_in_flight)
         self._listener: Optional[asyncio.base_events.Server] = None
         self._scheduler: Optional[Connection] = None
         self._connections: set[Connection] = set()
@@ -210,6 +247,7 @@ class Server:
 
     def _on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
         self._connections.discard(conn)
+        self.flow.forget(conn)
 
     def connect_local(self, on_frame: Callable, on_close: Callable) -> LocalConnection:
         """A connection from a worker in this process (the embedded job), on this loop: no
@@ -257,6 +295,7 @@ class Server:
         except MultiversoError as exc:
             conn.send_error(frame.req_id, code_for(exc), str(exc))
             return
+        self.flow.started(conn)
         if now:
             self.turns.arrive(job)
         elif frame.type is MsgType.ADD:

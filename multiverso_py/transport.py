@@ -16,6 +16,7 @@ import logging
 import socket
 import struct
 import threading
+from collections import deque
 from concurrent.futures import Future
 from typing import Any, Awaitable, Callable, Optional
 
@@ -67,6 +68,8 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = False
         self._lost = False  # connection_lost ran: the transport holds no buffers any more
         self._flush_waiters: list[Callable[[], None]] = []
+        self._backlog: deque[Frame] = deque()  # frames read but not yet handed on (while paused)
+        self._paused = False
         self.context: Any = None  # what the owner knows of this peer (node id, role)
 
     # -- asyncio.BufferedProtocol
@@ -101,7 +104,12 @@ class Connection(asyncio.BufferedProtocol):
             self.send_error(0, ErrorCode.BAD_REQUEST, f"malformed frame: {exc}")
             self.close()
             return
-        for frame in frames:
+        self._backlog.extend(frames)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._backlog and not self._paused:
+            frame = self._backlog.popleft()
             if self.open:
                 self.on_frame(self, frame)
             elif not self.closed:
@@ -182,6 +190,20 @@ class Connection(asyncio.BufferedProtocol):
 
     def send_error(self, req_id: int, code: ErrorCode, message: str) -> None:
         self.send(MsgType.ERROR, req_id, {"code": int(code), "message": message})
+
+    def pause_reading(self) -> None:
+        """Hand on no more frames, and read no more, until resume_reading(): back-pressure
+        on a peer that sends requests faster than they are served (its sends block once the
+        kernel's buffers fill). Frames already read wait here."""
+        self._paused = True
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+        self._dispatch()
 
     def unflushed(self) -> int:
         """Bytes sent but not yet handed to the kernel."""

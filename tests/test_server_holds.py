@@ -16,6 +16,7 @@ from multiverso_py.framing import encode_bytes
 from multiverso_py.protocol import Limits, MsgType, pack_parts
 from multiverso_py.scheduler import Scheduler, SchedulerConfig
 from multiverso_py.server import Server, ServerConfig
+from multiverso_py import testing
 from multiverso_py.testing import LocalCluster, raw_connection
 from multiverso_py.transport import LoopThread, parse_address
 
@@ -119,3 +120,33 @@ def test_a_reply_over_the_frame_limit_is_an_error_and_frees_the_partition():
         last = (1 << 20) - 1
         table.add([1.0, 2.0], [0, last])
         np.testing.assert_array_equal(table.get([0, last]), [1, 2])
+
+
+def test_a_flooding_peer_is_paused_at_the_in_flight_limit_not_queued_without_bound():
+    limit = 8
+    with in_process_job(ServerConfig(flush_timeout=2.0, max_in_flight=limit)) as server:
+        table = mv.ArrayTable(ROWS, name="flood")
+        info = table._info
+        body = {"table": info.table_id, "client": 77, "map": info.map_version, "parts": [{"p": 0}]}
+        # A stalled reader holds partition 0 (its get keeps the turn until flushed or dropped)...
+        stalled = raw_connection(server.address)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(encode_bytes(MsgType.GET, 1, {**body, "seq": 1}) * 4)
+        # ...while a flooder sends 500 adds to that partition without reading the replies.
+        parts, buffers = pack_parts([(0, {}, [np.array([0]), np.ones(1, np.float32)])])  # row 0 += 1
+        flood = b"".join(encode_bytes(MsgType.ADD, seq, {**body, "client": 78, "seq": seq, "parts": parts}, buffers)
+                         for seq in range(1, 501))
+        flooder = raw_connection(server.address, timeout=30)
+        sender = threading.Thread(target=flooder.sendall, args=(flood,), daemon=True)
+        sender.start()
+        # Far fewer than 500 reach the partition's line while it is held; the rest wait unread.
+        assert testing.wait_for(lambda: server.flow.peak >= limit, 10), f"peak {server.flow.peak}"
+        line = server.tables[info.table_id].partitions[0].line
+        assert len(line) <= limit + 4, f"{len(line)} requests queued on the partition"
+        # Once the stalled reader is dropped, every add is applied: nothing was lost.
+        sender.join(30)
+        assert not sender.is_alive()
+        assert testing.wait_for(lambda: float(table.get([0])[0]) == 500.0, 30), table.get([0])
+        assert server.flow.peak <= limit + 1
+        stalled.close()
+        flooder.close()

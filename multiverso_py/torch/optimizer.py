@@ -132,9 +132,9 @@ class PSOptimizer(torch.optim.Optimizer):
                                   updater=created["updater"], **self._consistency, **created["options"])
             if table_consistency(table) == "bsp" and not self.overlap:
                 raise InvalidArgument(
-                    "under BSP the servers hold a step's push until every worker called mv.clock(), and this "
-                    "worker's pull waits behind its own push, so step() would wait forever: create the "
-                    "PSOptimizer with overlap=True (each pull then lands at the next step, after the clock)")
+                    "under BSP the servers hold a step's push until every worker called mv.clock(), so the pull "
+                    "right after it can never return the updated weights: create the PSOptimizer with "
+                    "overlap=True (each pull then lands at the next step, after the clock)")
             slots.append(_Slot(table, tensors, weights, grads))
         self._slots.append(slots)
         self._created.append(created)

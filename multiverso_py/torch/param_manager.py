@@ -28,11 +28,11 @@ class ParamManager:
     in Multiverso. It costs one push and one pull message per table and server.
 
     Under BSP (consistency="bsp", here or as the job's default) the servers hold an add
-    until every worker finished its clock, and a worker's get waits behind its own
-    add: so sync() pulls first, then pushes. The module then holds the values of the
-    earlier clocks (the same on every worker) and this sync's change comes back, merged,
-    with the first sync after the next mv.clock(). Sync once per clock: a second sync
-    in the same clock would wait for this one's held add (and time out).
+    until every worker finished its clock, and a get sees no add of its own clock: so
+    sync() pulls first, then pushes. The module then holds the values of the earlier
+    clocks (the same on every worker) and this sync's change comes back, merged, with
+    the first sync after the next mv.clock(). Sync once per clock: a second sync in the
+    same clock would pull values that lack the first one's change.
     """
 
     def __init__(self, module: nn.Module, name: Optional[str] = None, buffers: bool = False, *,
