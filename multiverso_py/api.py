@@ -18,6 +18,7 @@ from multiverso_py.client import Client, ClientConfig
 from multiverso_py.errors import InvalidArgument, NotInitialized
 from multiverso_py.scheduler import Scheduler, SchedulerConfig
 from multiverso_py.server import Server, ServerConfig
+from multiverso_py.tls import load_tls
 from multiverso_py.transport import LoopThread, parse_address
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,10 @@ def init(scheduler: Optional[str] = None, *, timeout: Optional[float] = None, co
         if _job is not None:
             raise InvalidArgument("mv.init() was called already in this process; call mv.shutdown() first")
         auth = load_auth()
+        # an embedded job never leaves this machine (its worker reaches its server in-process): no TLS
+        tls = load_tls().connect if target is not None else None
         io = LoopThread()
-        client = Client(io, ClientConfig(timeout=timeout, auth=auth))
+        client = Client(io, ClientConfig(timeout=timeout, auth=auth, tls=tls))
         embedded = None
         try:
             if target is None:

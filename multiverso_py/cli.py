@@ -15,6 +15,7 @@ from multiverso_py.auth import Auth, load_auth
 from multiverso_py.errors import MultiversoError
 from multiverso_py.scheduler import Scheduler, SchedulerConfig
 from multiverso_py.server import Server, ServerConfig
+from multiverso_py.tls import load_tls
 from multiverso_py.transport import new_event_loop, parse_address
 
 log = logging.getLogger("multiverso_py")
@@ -48,10 +49,19 @@ def _port(text: str) -> int:
     return value
 
 
-def _auth_option(parser: argparse.ArgumentParser) -> None:
+def _security_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth-token-file", metavar="PATH",
                         help="require this shared secret (HMAC challenge) of every connection; "
                              "default: MV_AUTH_TOKEN_FILE or MV_AUTH_TOKEN, else no authentication")
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (MV_TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (MV_TLS_KEY)")
+    parser.add_argument("--tls-ca", metavar="PEM",
+                        help="trust peers whose certificate this CA signed, when connecting (MV_TLS_CA)")
+
+
+# Options that `run` hands to everything it starts through the environment.
+_SECURITY_ENV = {"auth_token_file": "MV_AUTH_TOKEN_FILE", "tls_cert": "MV_TLS_CERT", "tls_key": "MV_TLS_KEY",
+                 "tls_ca": "MV_TLS_CA"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="workers start once this many servers have registered (default: 1)")
     sched.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     sched.add_argument("--ready-file", help="write HOST:PORT here once listening (for launchers)")
-    _auth_option(sched)
+    _security_options(sched)
     sched.add_argument("--heartbeat-timeout", type=_seconds, default=SchedulerConfig.heartbeat_timeout,
                        help="declare a worker dead when it sends nothing, not even a heartbeat, for this "
                             f"many seconds (default: {SchedulerConfig.heartbeat_timeout:g})")
@@ -85,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     serv.add_argument("--threads", type=_positive, default=ServerConfig.threads,
                       help=f"threads for table work (default: {ServerConfig.threads})")
     serv.add_argument("--ready-file", help="write HOST:PORT here once registered (for launchers)")
-    _auth_option(serv)
+    _security_options(serv)
 
     run = sub.add_parser("run", help="run a local job: scheduler, servers and N copies of a command",
                          description="Start a scheduler and M servers, run N copies of CMD with MV_SCHEDULER "
@@ -101,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--heartbeat-timeout", type=_seconds,
                      help=f"declare a silent worker dead after this many seconds "
                           f"(default: {SchedulerConfig.heartbeat_timeout:g})")
-    _auth_option(run)
+    _security_options(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the worker command")
     demo.add_parser(sub, _positive, _non_negative)
     return parser
@@ -118,9 +128,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from multiverso_py.launcher import launch
 
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-            if args.auth_token_file:  # the scheduler, servers and workers it starts read it from there
-                load_auth(args.auth_token_file)  # a clear error now rather than in every child
-                os.environ["MV_AUTH_TOKEN_FILE"] = os.path.abspath(args.auth_token_file)
+            load_auth(args.auth_token_file)  # clear errors now rather than in every child
+            load_tls(args.tls_cert, args.tls_key, args.tls_ca)
+            for option, variable in _SECURITY_ENV.items():  # the scheduler, servers and workers read them there
+                if getattr(args, option):
+                    os.environ[variable] = os.path.abspath(getattr(args, option))
             if not cmd:
                 parser.error("run needs a command after --, e.g. multiverso-py run --workers 2 -- python train.py")
             return launch(cmd, args.workers, args.servers, consistency=args.consistency,
@@ -165,7 +177,8 @@ def _auth_for(args: argparse.Namespace) -> Optional[Auth]:
 
 async def _scheduler(args: argparse.Namespace) -> int:
     scheduler = Scheduler(SchedulerConfig(workers=args.workers, servers=args.servers, host=args.host, port=args.port,
-                                          heartbeat_timeout=args.heartbeat_timeout, auth=_auth_for(args)))
+                                          heartbeat_timeout=args.heartbeat_timeout, auth=_auth_for(args),
+                                          tls=load_tls(args.tls_cert, args.tls_key, args.tls_ca)))
     _write_ready(args.ready_file, await scheduler.start())
     _on_signals(scheduler.finish)
     await scheduler.wait_done()
@@ -175,7 +188,8 @@ async def _scheduler(args: argparse.Namespace) -> int:
 
 
 async def _server(args: argparse.Namespace) -> int:
-    server = Server(ServerConfig(host=args.host, port=args.port, threads=args.threads, auth=_auth_for(args)))
+    server = Server(ServerConfig(host=args.host, port=args.port, threads=args.threads, auth=_auth_for(args),
+                                 tls=load_tls(args.tls_cert, args.tls_key, args.tls_ca)))
     await server.start()
     await server.register(parse_address(args.scheduler))
     _write_ready(args.ready_file, server.address)

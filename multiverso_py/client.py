@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class ClientConfig:
     timeout: float = 60.0
     limits: Limits = DEFAULT_LIMITS
     auth: Optional[Auth] = None  # the job's token, when it has one
+    tls: Optional[ssl.SSLContext] = None  # verifies the scheduler's and servers' certificates
 
 
 class Client:
@@ -174,7 +176,7 @@ class Client:
 
     # ------------------------------------------------------------ on the loop
     async def _start(self, scheduler: tuple[str, int], rank: Optional[int], local: Optional[Any]) -> None:
-        self._scheduler = await open_connection(*scheduler, self._connection, self.timeout)
+        self._scheduler = await open_connection(*scheduler, self._connection, self.timeout, self.config.tls)
         body = {"role": "worker"} if rank is None else {"role": "worker", "rank": rank}
         data = await self._ask_scheduler(MsgType.REGISTER, body, "registering with the scheduler")
         self.worker_id, self.workers_num = data["id"], data["workers"]
@@ -183,7 +185,7 @@ class Client:
             if local is not None and local.address == f"{host}:{port}":
                 self._conns[sid] = local.connect_local(self._on_frame, self._on_close)
             else:
-                self._conns[sid] = await open_connection(host, port, self._connection, self.timeout)
+                self._conns[sid] = await open_connection(host, port, self._connection, self.timeout, self.config.tls)
             self._conns[sid].context = sid
         loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self._sweep())

@@ -16,6 +16,7 @@ from multiverso_py.auth import Auth
 from multiverso_py.errors import ErrorCode, MultiversoError, TableSpecMismatch, code_for, exception_for
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType
 from multiverso_py.tables.base import TableSpec
+from multiverso_py.tls import TLS
 from multiverso_py.transport import Connection
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class SchedulerConfig:
     heartbeat_timeout: float = 30.0  # a worker silent this long is declared dead
     limits: Limits = DEFAULT_LIMITS
     auth: Optional[Auth] = None  # required of every connection when set
+    tls: TLS = TLS()
 
     @property
     def heartbeat_interval(self) -> float:
@@ -100,7 +102,7 @@ class Scheduler:
         self._done = asyncio.Event()
         self._listener = await loop.create_server(
             lambda: Connection(self._on_frame, self._on_close, self.config.limits, accept=True, auth=self.config.auth),
-            self.config.host, self.config.port)
+            self.config.host, self.config.port, ssl=self.config.tls.accept)
         host, port = self._listener.sockets[0].getsockname()[:2]
         self.address = f"{host}:{port}"
         self._watch = loop.create_task(self._watch_workers())

@@ -26,6 +26,7 @@ from multiverso_py.errors import ErrorCode, MultiversoError, ProtocolError, code
 from multiverso_py.local import LocalConnection, local_pair
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
 from multiverso_py.tables.base import TableSpec
+from multiverso_py.tls import TLS
 from multiverso_py.transport import Connection, open_connection
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ServerConfig:
     auth: Optional[Auth] = None  # required of every connection when set
     handshake_timeout: float = 10.0  # a connection not authenticated by then is dropped
     max_in_flight: int = 1024  # requests of one connection being served; beyond it, reading pauses
+    tls: TLS = TLS()
 
 
 class Turns:
@@ -233,7 +235,8 @@ class Server:
     async def start(self) -> str:
         self.loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
-        self._listener = await self.loop.create_server(self._new_connection, self.config.host, self.config.port)
+        self._listener = await self.loop.create_server(self._new_connection, self.config.host, self.config.port,
+                                                       ssl=self.config.tls.accept)
         host, port = self._listener.sockets[0].getsockname()[:2]
         self.address = f"{host}:{port}"
         log.info("server listening on %s", self.address)
@@ -333,7 +336,7 @@ class Server:
         """Join the job: register with the scheduler and take commands from it."""
         conn = await open_connection(*scheduler, lambda: Connection(self._on_scheduler_frame, self._on_scheduler_lost,
                                                                      self.config.limits, auth=self.config.auth),
-                                     self.config.connect_timeout)
+                                     self.config.connect_timeout, self.config.tls.connect)
         self._scheduler = conn
         self._register_reply = self.loop.create_future()
         host, port = self.address.rsplit(":", 1)

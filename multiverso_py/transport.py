@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import struct
 import threading
 from collections import deque
@@ -232,10 +233,17 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-async def open_connection(host: str, port: int, factory: Callable[[], Connection], timeout: float) -> Connection:
+async def open_connection(host: str, port: int, factory: Callable[[], Connection], timeout: float,
+                          tls: Optional[ssl.SSLContext] = None) -> Connection:
+    """Connect (over TLS when given a context, verifying the peer's certificate for host)
+    and complete the handshake."""
     loop = asyncio.get_running_loop()
     try:
-        _, conn = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout)
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(factory, host, port, ssl=tls, server_hostname=host if tls else None), timeout)
+    except ssl.SSLError as exc:
+        raise ConnectFailed(f"TLS with {host}:{port} failed ({exc.reason or exc}); check MV_TLS_CA and that the "
+                            "peer runs with --tls-cert/--tls-key") from None
     except (OSError, asyncio.TimeoutError) as exc:
         raise ConnectFailed(
             f"cannot connect to {host}:{port} ({exc or 'timed out'}); check the address and that the process is running"
