@@ -7,6 +7,7 @@
         print(w.get())
 """
 
+from multiverso_py import checkpoint  # a module you can call: mv.checkpoint(path), and checkpoint.load(path)
 from multiverso_py.api import (
     Job,
     barrier,
@@ -40,7 +41,7 @@ from multiverso_py.tables.sparse_matrix import SparseMatrixTable
 __version__ = "0.1.0"
 
 __all__ = [
-    "init", "shutdown", "worker_id", "workers_num", "servers_num", "is_master_worker", "barrier", "clock", "Job",
+    "init", "shutdown", "worker_id", "workers_num", "servers_num", "is_master_worker", "barrier", "clock", "checkpoint", "Job",
     "ArrayTable", "MatrixTable", "SparseMatrixTable", "KVTable",
     "MultiversoError", "InvalidArgument", "IndexOutOfRange", "ConnectFailed", "ConnectionLost", "RequestTimeout",
     "TableSpecMismatch", "TableNotFound", "NotInitialized", "ProtocolError", "RemoteError", "AuthFailed",

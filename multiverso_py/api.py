@@ -24,7 +24,7 @@ from multiverso_py.transport import LoopThread, parse_address
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
-_INIT_OPTIONS = {"threads"}
+_INIT_OPTIONS = {"threads", "restore"}  # the embedded job's: server threads, a checkpoint to start from
 
 
 class Job:
@@ -70,6 +70,9 @@ def init(scheduler: Optional[str] = None, *, timeout: Optional[float] = None, co
         staleness = _int_env("MV_STALENESS")
     address = scheduler or os.environ.get("MV_SCHEDULER") or None
     target = parse_address(address) if address else None
+    if options.get("restore") and target is not None:
+        raise InvalidArgument("restore= starts an embedded job from a checkpoint; a job with a scheduler "
+                              "restores through it: multiverso-py run/scheduler --restore PATH")
     context.check_consistency(consistency or "async")
     context.check_staleness(0 if staleness is None else staleness)
     with _lock:
@@ -83,7 +86,7 @@ def init(scheduler: Optional[str] = None, *, timeout: Optional[float] = None, co
         embedded = None
         try:
             if target is None:
-                embedded = io.run(_start_embedded(options.get("threads"), auth), timeout)
+                embedded = io.run(_start_embedded(options.get("threads"), auth, options.get("restore")), timeout)
                 target = parse_address(embedded[0].address)
             client.start(target, _int_env("MV_RANK") if os.environ.get("MV_RANK") else None,
                          local=embedded[1] if embedded is not None else None)
@@ -99,8 +102,9 @@ def init(scheduler: Optional[str] = None, *, timeout: Optional[float] = None, co
     return _job
 
 
-async def _start_embedded(threads: Optional[int], auth: Optional[Auth]) -> tuple[Scheduler, Server]:
-    scheduler = Scheduler(SchedulerConfig(workers=1, servers=1, auth=auth))
+async def _start_embedded(threads: Optional[int], auth: Optional[Auth],
+                          restore: Optional[str]) -> tuple[Scheduler, Server]:
+    scheduler = Scheduler(SchedulerConfig(workers=1, servers=1, auth=auth, restore=restore))
     await scheduler.start()
     server = Server(ServerConfig(threads=threads, auth=auth) if threads else ServerConfig(auth=auth))
     await server.start()
@@ -172,6 +176,16 @@ def barrier() -> None:
     _client().barrier()
 
 
+def checkpoint(path: str) -> str:
+    """Write a consistent checkpoint of every table (values, updater state, held adds)
+    under the directory `path`; returns the checkpoint's own directory. Every worker of
+    the job pauses while it is taken. Read it with multiverso_py.checkpoint.load(path);
+    start a job from it with `--restore path` (or mv.init(restore=path) when embedded)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise InvalidArgument(f"checkpoint needs a directory path, got {path!r}")
+    return _client().checkpoint(os.path.abspath(path))
+
+
 def clock() -> None:
     """This worker finished an iteration: advance its clock on every server (what SSP and
     BSP tables wait on; async tables ignore it). Adds issued before count at the old clock."""
@@ -179,4 +193,4 @@ def clock() -> None:
 
 
 __all__ = ["init", "shutdown", "worker_id", "workers_num", "servers_num", "is_master_worker", "barrier", "clock",
-           "Job"]
+           "checkpoint", "Job"]

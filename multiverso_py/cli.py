@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     sched.add_argument("--ready-file", help="write HOST:PORT here once listening (for launchers)")
     _security_options(sched)
+    sched.add_argument("--restore", metavar="PATH", help="start the job's tables from this checkpoint")
     sched.add_argument("--heartbeat-timeout", type=_seconds, default=SchedulerConfig.heartbeat_timeout,
                        help="declare a worker dead when it sends nothing, not even a heartbeat, for this "
                             f"many seconds (default: {SchedulerConfig.heartbeat_timeout:g})")
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"declare a silent worker dead after this many seconds "
                           f"(default: {SchedulerConfig.heartbeat_timeout:g})")
     _security_options(run)
+    run.add_argument("--restore", metavar="PATH", help="start the job's tables from this checkpoint (mv.checkpoint)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the worker command")
     demo.add_parser(sub, _positive, _non_negative)
     return parser
@@ -137,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 parser.error("run needs a command after --, e.g. multiverso-py run --workers 2 -- python train.py")
             return launch(cmd, args.workers, args.servers, consistency=args.consistency,
                           staleness=args.staleness, timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
-                          log_level=args.log_level)
+                          restore=args.restore, log_level=args.log_level)
         return _run_async(_scheduler(args) if args.command == "scheduler" else _server(args))
     except MultiversoError as exc:
         log.error("%s", exc)
@@ -178,7 +180,8 @@ def _auth_for(args: argparse.Namespace) -> Optional[Auth]:
 async def _scheduler(args: argparse.Namespace) -> int:
     scheduler = Scheduler(SchedulerConfig(workers=args.workers, servers=args.servers, host=args.host, port=args.port,
                                           heartbeat_timeout=args.heartbeat_timeout, auth=_auth_for(args),
-                                          tls=load_tls(args.tls_cert, args.tls_key, args.tls_ca)))
+                                          tls=load_tls(args.tls_cert, args.tls_key, args.tls_ca),
+                                          restore=args.restore))
     _write_ready(args.ready_file, await scheduler.start())
     _on_signals(scheduler.finish)
     await scheduler.wait_done()

@@ -24,8 +24,9 @@ import numpy as np
 from multiverso_py.acks import AddTracker
 from multiverso_py.auth import Auth
 from multiverso_py.batching import BATCH_BYTES, Batch, OpenBatches, chunk_messages, merge_adds, part_bytes, split_large
-from multiverso_py.control import ControlRequests
-from multiverso_py.errors import ConnectionLost, MultiversoError, RequestTimeout, exception_for
+from multiverso_py.consistency import wait_hint
+from multiverso_py.control import ControlRequests, heartbeat
+from multiverso_py.errors import ConnectionLost, ErrorCode, MultiversoError, RequestTimeout, exception_for
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
 from multiverso_py.tables.base import OnReply, Part, TableInfo, TableSpec
 from multiverso_py.transport import Connection, LoopThread, open_connection
@@ -94,6 +95,7 @@ class Client:
         self._sweeper: Optional[asyncio.Task] = None
         self._heartbeat: Optional[asyncio.Task] = None
         self._leaving = False
+        self._paused: Optional[list] = None  # messages held back while the scheduler takes a checkpoint
 
     # ------------------------------------------------------------ life cycle (any thread)
     def start(self, scheduler: tuple[str, int], rank: Optional[int] = None, local: Optional[Any] = None) -> None:
@@ -119,6 +121,32 @@ class Client:
     def control(self, msg_type: MsgType, body: dict, what: str) -> Any:
         """A request to the scheduler from the calling thread; returns the reply's data."""
         return self.io.run(self._ask_scheduler(msg_type, body, what))
+
+    def checkpoint(self, path: str) -> str:
+        """Flush this worker's adds, then have the scheduler take a checkpoint (it pauses
+        every worker until its adds are acknowledged). Returns its directory."""
+        self.flush()
+        return self.control(MsgType.CHECKPOINT, {"path": path}, f"checkpoint to {path!r}")["path"]
+
+    def _pause(self, req_id: int) -> None:
+        """From the scheduler: hold back new messages; answer once no add is unacknowledged."""
+        self._paused = self._paused or []
+
+        async def answer_when_quiet() -> None:
+            deadline = time.monotonic() + self.timeout
+            while any(p.op.name != "get" for p in self._pending.values()):
+                if time.monotonic() > deadline:
+                    return self._scheduler.send_error(req_id, ErrorCode.TIMEOUT, f"worker {self.worker_id}: adds "
+                                                      f"still unacknowledged after {self.timeout}s")
+                await asyncio.sleep(0.002)
+            self._scheduler.send(MsgType.REPLY, req_id)
+        asyncio.get_running_loop().create_task(answer_when_quiet())
+
+    def _resume(self, req_id: int) -> None:
+        held, self._paused = self._paused or [], None
+        for call, sid, parts in held:
+            self._send_message(call, sid, parts)
+        self._scheduler.send(MsgType.REPLY, req_id)
 
     def clock(self) -> None:
         """Tell every server that this worker finished a clock. Adds issued before it count
@@ -189,7 +217,7 @@ class Client:
             self._conns[sid].context = sid
         loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self._sweep())
-        self._heartbeat = loop.create_task(self._beat(data["heartbeat"]))
+        self._heartbeat = loop.create_task(heartbeat(self._scheduler, data["heartbeat"]))
         log.info("worker %d of %d joined; %d server(s)", self.worker_id, self.workers_num, len(self.servers))
 
     async def _leave(self) -> None:
@@ -235,6 +263,9 @@ class Client:
         self._send_op(batch.call, merge_adds(batch.parts) if is_additive(spec.updater) else batch.parts)
 
     def _send_message(self, call: _Op, sid: int, parts: list[Part]) -> None:
+        if self._paused is not None:
+            self._paused.append((call, sid, parts))
+            return
         conn = self._conns.get(sid)
         info = call.info
         if conn is None or conn.closed:
@@ -269,6 +300,9 @@ class Client:
         return pending.dest if pending is not None and msg_type is MsgType.REPLY else None
 
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
+        if frame.type in (MsgType.PAUSE, MsgType.RESUME) and conn is self._scheduler:
+            (self._pause if frame.type is MsgType.PAUSE else self._resume)(frame.req_id)
+            return
         if self._control.answer(frame):
             return
         pending = self._pending.pop(frame.req_id, None)
@@ -347,12 +381,6 @@ class Client:
         if not self._leaving:
             log.error("lost the connection to server %s", sid)
 
-    async def _beat(self, interval: float) -> None:
-        """Tell the scheduler this worker lives, from the I/O thread, whatever training does."""
-        while self._scheduler is not None and not self._scheduler.closed:
-            self._scheduler.send(MsgType.HEARTBEAT, 0)  # request id 0: the reply is dropped
-            await asyncio.sleep(interval)
-
     async def _sweep(self) -> None:
         """Fail requests past their deadline (pending is in deadline order)."""
         interval = min(0.1, self.timeout / 10)
@@ -366,14 +394,6 @@ class Client:
                 call = pending.op
                 self._fail(call, RequestTimeout(
                     f"{call.name} on table {call.info.name!r}: no reply from server {pending.server} "
-                    f"({self.servers[pending.server]}) within {self.timeout}s{_held_hint(call)}"))
+                    f"({self.servers[pending.server]}) within {self.timeout}s{wait_hint(call.name, call.info.spec.consistency)}"))
 
-
-def _held_hint(call: _Op) -> str:
-    """Why a get may wait that long: its table's consistency holds it for slow workers."""
-    model = call.info.spec.consistency
-    if call.name != "get" or model == "async":
-        return ""
-    return (f"; a {model} get waits until the slowest live worker's clock catches up: is a worker stuck, "
-            f"or not calling mv.clock() as often as the others?")
 

@@ -20,7 +20,7 @@ import heapq
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from multiverso_py.errors import InvalidArgument
 
@@ -49,6 +49,7 @@ class _Held:
     worker: int = field(compare=False)
     kind: Kind = field(compare=False)
     release: Callable[[], None] = field(compare=False)
+    payload: Any = field(compare=False)
 
 
 class TableClock:
@@ -71,7 +72,12 @@ class TableClock:
     def held(self) -> int:
         return len(self._held)
 
-    def admit(self, worker: int, kind: Kind, release: Callable[[], None]) -> bool:
+    def held_adds(self) -> list:
+        """The payloads of held adds, in the order they will run (for checkpoints: they
+        were acknowledged, so they are part of the state)."""
+        return [h.payload for h in sorted(self._held) if h.kind is Kind.ADD]
+
+    def admit(self, worker: int, kind: Kind, release: Callable[[], None], payload: Any = None) -> bool:
         """True: the request may run now. False: it is held, and release() runs it later."""
         if self.model is Model.ASYNC:
             return True
@@ -81,7 +87,7 @@ class TableClock:
         key = max(self._key(clock, kind), self._last_get.get(worker, _AT_ONCE))
         if key[0] <= self.slowest():
             return True
-        heapq.heappush(self._held, _Held(key, next(self._arrivals), worker, kind, release))
+        heapq.heappush(self._held, _Held(key, next(self._arrivals), worker, kind, release, payload))
         if kind is Kind.GET:
             self._last_get[worker] = key
             self._gets_held[worker] = self._gets_held.get(worker, 0) + 1
@@ -115,3 +121,10 @@ class TableClock:
                     del self._gets_held[held.worker], self._last_get[held.worker]
             held.release()
 
+
+def wait_hint(op: str, model: str) -> str:
+    """Why a request of a table with this model may have waited past its timeout."""
+    if op != "get" or model == Model.ASYNC.value:
+        return ""
+    return (f"; a {model} get waits until the slowest live worker's clock catches up: is a worker stuck, "
+            f"or not calling mv.clock() as often as the others?")

@@ -1,6 +1,6 @@
 """Control requests of a worker, awaited on its event loop: to the scheduler (register,
 barrier, tables, leave) or to a server (a clock). Each has a timeout, and fails at once
-when its connection closes."""
+when its connection closes. And the heartbeat that keeps the worker counted as alive."""
 
 from __future__ import annotations
 
@@ -55,3 +55,10 @@ class ControlRequests:
         for waiting in self._waiting.values():
             if waiting.conn is conn and not waiting.future.done():
                 waiting.future.set_exception(ConnectionLost(f"{waiting.what}: {waiting.who} closed the connection"))
+
+
+async def heartbeat(conn: Any, interval: float) -> None:
+    """Tell the scheduler this worker lives, from the I/O thread, whatever training does."""
+    while not conn.closed:
+        conn.send(MsgType.HEARTBEAT, 0)  # request id 0: the reply is dropped
+        await asyncio.sleep(interval)

@@ -105,13 +105,15 @@ def mv_command(log_level: str = "info") -> list[str]:
 
 
 def start_nodes(children: Children, workdir: str, workers: int, servers: int, *, log_level: str = "info",
-                startup_timeout: float = 30.0, heartbeat_timeout: Optional[float] = None) -> tuple[str, list[_Child]]:
+                startup_timeout: float = 30.0, heartbeat_timeout: Optional[float] = None,
+                restore: Optional[str] = None) -> tuple[str, list[_Child]]:
     """Start a scheduler and `servers` servers; (scheduler address, [scheduler, servers...])."""
     mv = mv_command(log_level)
     ready = os.path.join(workdir, "scheduler")
-    heartbeat = [] if heartbeat_timeout is None else ["--heartbeat-timeout", str(heartbeat_timeout)]
+    extra = [] if heartbeat_timeout is None else ["--heartbeat-timeout", str(heartbeat_timeout)]
+    extra += [] if restore is None else ["--restore", os.path.abspath(restore)]
     scheduler = children.start("scheduler", [*mv, "scheduler", "--port", "0", "--workers", str(workers),
-                                             "--servers", str(servers), "--ready-file", ready, *heartbeat])
+                                             "--servers", str(servers), "--ready-file", ready, *extra])
     address = _wait_ready(ready, scheduler, startup_timeout)
     nodes = [scheduler]
     for j in range(servers):
@@ -133,13 +135,15 @@ def worker_env(address: str, rank: int, *, consistency: Optional[str] = None, st
 
 def launch(cmd: Sequence[str], workers: int, servers: int, *, consistency: Optional[str] = None,
            staleness: Optional[int] = None, timeout: Optional[float] = None, startup_timeout: float = 30.0,
-           heartbeat_timeout: Optional[float] = None, log_level: str = "info", out: IO[str] = sys.stdout) -> int:
+           heartbeat_timeout: Optional[float] = None, restore: Optional[str] = None, log_level: str = "info",
+           out: IO[str] = sys.stdout) -> int:
     """Run a whole local job; return the first non-zero worker status, else 0."""
     previous = signal.signal(signal.SIGTERM, _raise_exit)
     try:
         with tempfile.TemporaryDirectory(prefix="mv-run-") as tmp, Children(out) as children:
             address, nodes = start_nodes(children, tmp, workers, servers, log_level=log_level,
-                                         startup_timeout=startup_timeout, heartbeat_timeout=heartbeat_timeout)
+                                         startup_timeout=startup_timeout, heartbeat_timeout=heartbeat_timeout,
+                                         restore=restore)
             procs = [children.start(f"worker {i}", cmd, worker_env(address, i, consistency=consistency,
                                                                   staleness=staleness, timeout=timeout))
                      for i in range(workers)]

@@ -189,6 +189,13 @@ class DCASGD(Updater):
     def state(self) -> dict[str, np.ndarray]:
         return {**super().state(), **{f"backup/{worker}": b for worker, b in self.backups.items()}}
 
+    def load_state(self, state: dict[str, np.ndarray], rows: slice = slice(None)) -> None:
+        super().load_state(state, rows)
+        for name, array in state.items():
+            if name.startswith("backup/"):
+                backup = self.backups.setdefault(int(name.split("/")[1]), self.data.copy())
+                backup[rows] = array
+
     def resize(self, data: np.ndarray) -> None:
         super().resize(data)
         self.backups = {worker: grown(b, len(data)) for worker, b in self.backups.items()}

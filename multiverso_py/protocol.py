@@ -55,6 +55,11 @@ class MsgType(enum.IntEnum):
     # connection set-up: acceptor -> connector (a nonce when a token is required), and the answer
     HELLO = 31
     AUTH = 32
+    # checkpoints: worker -> scheduler; scheduler -> workers (pause, resume) and servers (snapshot)
+    CHECKPOINT = 33
+    PAUSE = 34
+    RESUME = 35
+    SNAPSHOT = 36
 
 
 TABLE_OPS = frozenset({MsgType.GET, MsgType.ADD, MsgType.SET})
@@ -94,6 +99,7 @@ SCHEMAS: dict[MsgType, _Schema] = {
         "partitions": ((list,), True),
         "map": (_INT, True),
         "workers": ((list,), True),  # the live workers, whose clocks the table's consistency counts
+        "restore": ((dict,), False),  # fill the partitions from a checkpoint (see server_checkpoint)
     },
     MsgType.HEARTBEAT: {},
     MsgType.LEAVE: {},
@@ -102,6 +108,10 @@ SCHEMAS: dict[MsgType, _Schema] = {
     MsgType.WORKER_LEFT: {"worker": (_INT, True)},
     MsgType.HELLO: {"nonce": ((bytes,), False)},
     MsgType.AUTH: {"mac": ((bytes,), True)},
+    MsgType.CHECKPOINT: {"path": ((str,), True)},
+    MsgType.PAUSE: {},
+    MsgType.RESUME: {},
+    MsgType.SNAPSHOT: {"file": ((str,), True)},
 }
 # A part of a table operation or of its reply: one partition's slice of the request.
 _PART_SCHEMA: _Schema = {

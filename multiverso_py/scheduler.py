@@ -13,7 +13,8 @@ from typing import Optional
 
 from multiverso_py import tables
 from multiverso_py.auth import Auth
-from multiverso_py.errors import ErrorCode, MultiversoError, TableSpecMismatch, code_for, exception_for
+from multiverso_py.checkpoint import discard, new_checkpoint_dir, publish, read_manifest
+from multiverso_py.errors import ErrorCode, InvalidArgument, MultiversoError, TableSpecMismatch, code_for, exception_for
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType
 from multiverso_py.tables.base import TableSpec
 from multiverso_py.tls import TLS
@@ -33,6 +34,7 @@ class SchedulerConfig:
     limits: Limits = DEFAULT_LIMITS
     auth: Optional[Auth] = None  # required of every connection when set
     tls: TLS = TLS()
+    restore: Optional[str] = None  # a checkpoint: tables created under its names start from it
 
     @property
     def heartbeat_interval(self) -> float:
@@ -85,6 +87,8 @@ class Scheduler:
         self._listener: Optional[asyncio.base_events.Server] = None
         self._done: Optional[asyncio.Event] = None
         self._watch: Optional[asyncio.Task] = None
+        self._restore = read_manifest(config.restore) if config.restore else None  # (folder, manifest)
+        self._checkpointing = False
         self._handlers = {
             MsgType.REGISTER: self._register,
             MsgType.BARRIER: self._enter_barrier,
@@ -93,6 +97,7 @@ class Scheduler:
             MsgType.SHARD_MAP: self._shard_map,
             MsgType.HEARTBEAT: lambda conn, frame: conn.send(MsgType.REPLY, frame.req_id),
             MsgType.LEAVE: self._leave,
+            MsgType.CHECKPOINT: self._spawn(self._checkpoint),
             MsgType.REPLY: self._server_reply,
             MsgType.ERROR: self._server_reply,
         }
@@ -206,6 +211,7 @@ class Scheduler:
             conn.send_error(frame.req_id, code_for(exc), str(exc))
 
     async def _new_table(self, name: str, spec: TableSpec) -> _TableEntry:
+        restore = self._restored_table(name, spec)
         table_id = next(self._table_ids)
         layout = tables.layout(spec, len(self.servers))
         count = len(layout["bounds"]) - 1 if "bounds" in layout else layout["partitions"]
@@ -218,8 +224,10 @@ class Scheduler:
                 self._ask_server(sid, MsgType.CREATE_SHARDS, {
                     "table": table_id, "spec": spec.to_wire(), "layout": layout,
                     "partitions": [p for p, owner in enumerate(owners) if owner == sid], "map": entry.map_version,
-                    "workers": sorted(self.workers)})
+                    "workers": sorted(self.workers), **({"restore": restore} if restore else {})})
                 for sid in server_ids))
+            if restore:
+                entry.ready.set()  # its content is the checkpoint's: no worker writes initial content
         except (MultiversoError, asyncio.TimeoutError) as exc:
             entry.error = MultiversoError(f"creating table {name!r} on the servers failed: {exc}")
             raise entry.error from None
@@ -228,10 +236,60 @@ class Scheduler:
         log.info("table %r (id %d): %s %s %s, %d partition(s)", name, table_id, spec.kind, spec.shape, spec.dtype, count)
         return entry
 
+    def _restored_table(self, name: str, spec: TableSpec) -> Optional[dict]:
+        """Where a new table's content comes from in the checkpoint being restored, if any."""
+        if self._restore is None or name not in self._restore[1]["tables"]:
+            return None
+        folder, manifest = self._restore
+        saved = manifest["tables"][name]
+        problem = TableSpec.from_wire(saved["spec"]).mismatch(spec)
+        if problem:
+            raise TableSpecMismatch(f"table {name!r} of checkpoint {folder} has another spec: {problem}")
+        if manifest["servers"] != len(self.servers):
+            raise InvalidArgument(f"checkpoint {folder} was taken with {manifest['servers']} server(s); "
+                                  f"restore it with as many (this job has {len(self.servers)})")
+        return {"dir": str(folder), "table": saved["id"], "files": saved["files"]}
+
+    # -- checkpoints
+    async def _checkpoint(self, conn: Connection, frame: Frame) -> None:
+        """A consistent cut: pause every worker until its adds are acknowledged, have every
+        server write its partitions once all earlier requests are applied, publish, resume."""
+        path = frame.body["path"]
+        if self._checkpointing:
+            conn.send_error(frame.req_id, ErrorCode.BAD_REQUEST, "a checkpoint is being taken; try again after it")
+            return
+        self._checkpointing, tmp = True, None
+        workers = list(self.workers.values())
+        try:
+            tmp, _ = new_checkpoint_dir(path)
+            await asyncio.gather(*(self._ask(node.conn, MsgType.PAUSE, {}) for node in workers))
+            await asyncio.gather(*(self._ask(self.servers[sid].conn, MsgType.SNAPSHOT,
+                                             {"file": str(tmp / f"server{sid}.safetensors")}) for sid in self.servers))
+            final = publish(tmp, self._manifest())
+            log.info("checkpoint written to %s", final)
+            conn.send(MsgType.REPLY, frame.req_id, {"data": {"path": str(final)}})
+        except (MultiversoError, asyncio.TimeoutError, OSError) as exc:
+            if tmp is not None:
+                discard(tmp)
+            conn.send_error(frame.req_id, code_for(exc), f"checkpoint to {path!r} failed: {exc or 'timed out'}")
+        finally:
+            for node in workers:  # their answers are not awaited
+                node.conn.send(MsgType.RESUME, next(self._req_ids))
+            self._checkpointing = False
+
+    def _manifest(self) -> dict:
+        return {"servers": len(self.servers), "workers": self.config.workers, "tables": {
+            name: {"id": e.table_id, "spec": e.spec.to_wire(), "layout": e.layout, "owners": e.owners,
+                   "files": {p: f"server{owner}.safetensors" for p, owner in enumerate(e.owners)}}
+            for name, e in self._tables.items() if e.ready.is_set()}}
+
     async def _ask_server(self, sid: int, msg_type: MsgType, body: dict) -> dict:
+        return await self._ask(self.servers[sid].conn, msg_type, body)
+
+    async def _ask(self, conn: Connection, msg_type: MsgType, body: dict) -> dict:
         req_id = next(self._req_ids)
         reply = self._server_replies[req_id] = asyncio.get_running_loop().create_future()
-        self.servers[sid].conn.send(msg_type, req_id, body)
+        conn.send(msg_type, req_id, body)
         try:
             return await asyncio.wait_for(reply, self.config.timeout)
         finally:

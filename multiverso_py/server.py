@@ -23,8 +23,10 @@ from multiverso_py import tables
 from multiverso_py.auth import Auth
 from multiverso_py.consistency import Kind, Model, TableClock
 from multiverso_py.errors import ErrorCode, MultiversoError, ProtocolError, code_for
+from multiverso_py.flow import FlowControl
 from multiverso_py.local import LocalConnection, local_pair
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
+from multiverso_py.server_checkpoint import SnapshotJob, restore_partitions
 from multiverso_py.tables.base import TableSpec
 from multiverso_py.tls import TLS
 from multiverso_py.transport import Connection, open_connection
@@ -79,39 +81,6 @@ class Turns:
                         ready.append(successor)
         for successor in ready:
             self._pool.submit(successor.run)
-
-
-class FlowControl:
-    """Bounds the requests of each connection that are being served (queued for their
-    turn, running, or held by a clock), so a peer that floods a server fills its own
-    socket buffers instead of the server's memory: reading pauses at the limit and
-    resumes at half of it. On the event loop only."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._serving: dict[Any, int] = {}
-        self._paused: set[Any] = set()
-        self.peak = 0  # the most requests of one connection served at once, for tests and operators
-
-    def started(self, conn: Any) -> None:
-        n = self._serving[conn] = self._serving.get(conn, 0) + 1
-        self.peak = max(self.peak, n)
-        if n >= self.limit and conn not in self._paused:
-            self._paused.add(conn)
-            conn.pause_reading()
-
-    def finished(self, conn: Any) -> None:
-        n = self._serving.get(conn, 0) - 1
-        if n < 0:
-            return  # the connection was closed and forgotten meanwhile
-        self._serving[conn] = n
-        if n <= self.limit // 2 and conn in self._paused:
-            self._paused.discard(conn)
-            conn.resume_reading()
-
-    def forget(self, conn: Any) -> None:
-        self._serving.pop(conn, None)
-        self._paused.discard(conn)
 
 
 @dataclass
@@ -294,7 +263,7 @@ class Server:
         partitions = list({id(p): p for _, p, _, _ in job_parts}.values())
         job = _Job(self, conn, frame, job_parts, partitions)
         try:
-            now = table.clock.admit(body["client"], _KINDS[frame.type], lambda: self.turns.arrive(job))
+            now = table.clock.admit(body["client"], _KINDS[frame.type], lambda: self.turns.arrive(job), job)
         except MultiversoError as exc:
             conn.send_error(frame.req_id, code_for(exc), str(exc))
             return
@@ -360,6 +329,8 @@ class Server:
             conn.send(MsgType.REPLY, frame.req_id)
         elif frame.type is MsgType.WORKER_LEFT:
             self._worker_left(frame.body["worker"])
+        elif frame.type is MsgType.SNAPSHOT:
+            self._snapshot(conn, frame)
         elif frame.type is MsgType.SHUTDOWN:
             log.info("server %s: the scheduler ended the job", self.server_id)
             self.close()
@@ -375,9 +346,22 @@ class Server:
         spec = TableSpec.from_wire(body["spec"])
         clocks = {w: self._clocks.get(w, 0) for w in body["workers"] if type(w) is int and w not in self._left}
         clock = TableClock(Model(spec.consistency), spec.staleness, clocks)
-        shards = {pid: Partition(tables.make_shard(spec, body["layout"], pid)) for pid in body["partitions"]}
-        self.tables[body["table"]] = Table(spec, body["map"], shards, clock)
+        shards = {pid: tables.make_shard(spec, body["layout"], pid) for pid in body["partitions"]}
+        if "restore" in body:
+            restore_partitions(shards, body["restore"])
+        partitions = {pid: Partition(shard) for pid, shard in shards.items()}
+        self.tables[body["table"]] = Table(spec, body["map"], partitions, clock)
         log.info("server %s holds partitions %s of table %s", self.server_id, body["partitions"], body["table"])
+
+    def _snapshot(self, conn: Connection, frame: Frame) -> None:
+        """Write this server's partitions for a checkpoint, once every request that arrived
+        before has been applied; reply when the file is on disk."""
+        def done(error: Optional[Exception]) -> None:
+            if error is None:
+                conn.send(MsgType.REPLY, frame.req_id)
+            else:
+                conn.send_error(frame.req_id, code_for(error), f"server {self.server_id}: {error}")
+        self.turns.arrive(SnapshotJob(self, frame.body["file"], done))
 
     # -- life cycle
     def close(self) -> None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from multiverso_py.auth import Auth
 from multiverso_py.framing import FrameReader, encode_bytes
@@ -118,13 +118,14 @@ def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.
         time.sleep(interval)
 
 
-def run_job(script: str, workers: int, servers: int, timeout: float = 90.0) -> subprocess.CompletedProcess:
+def run_job(script: str, workers: int, servers: int, timeout: float = 90.0,
+            options: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """Run a Python script as a whole job under `multiverso-py run`, as a user would, with
     no MV_* variables inherited. On timeout the launcher gets SIGTERM, so it stops what it
     started (SIGKILL would orphan its children), and TimeoutError says what it printed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MV_")}
     cmd = [sys.executable, "-m", "multiverso_py", "--log-level", "warning", "run",
-           "--workers", str(workers), "--servers", str(servers), "--", sys.executable, str(script)]
+           "--workers", str(workers), "--servers", str(servers), *options, "--", sys.executable, str(script)]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                           text=True, env=env) as proc:
         try:

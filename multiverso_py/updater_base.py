@@ -149,6 +149,12 @@ class Updater:
         """Arrays of optimizer state, row-aligned with the shard's data, for checkpoints."""
         return dict(self._state)
 
+    def load_state(self, state: dict[str, np.ndarray], rows: slice = slice(None)) -> None:
+        """Take state saved by state() (from a checkpoint) into `rows` of this shard."""
+        for name, array in state.items():
+            if name in self._state:
+                self._state[name][rows] = array
+
     def resize(self, data: np.ndarray) -> None:
         """The shard grew (a hash table's storage): `data` replaces `self.data`, its first
         rows holding the old rows; state arrays grow to match, new rows zero."""

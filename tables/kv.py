@@ -214,6 +214,25 @@ class KVShard:
     def set(self, args: dict, arrays: list) -> tuple[dict, list]:
         raise InvalidArgument("a KV table has no set operation")
 
+    def checkpoint_arrays(self) -> dict[str, np.ndarray]:
+        """The keys (in row order), their rows and the rows' updater state."""
+        keys, rows = self.index.items()
+        ordered = np.empty(self.size, np.uint64)
+        ordered[rows] = keys
+        state = {f"state/{k}": v[:self.size] for k, v in self.updater.state().items()}
+        return {"keys": ordered, "data": self.data[:self.size], **state}
+
+    def restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        keys = np.asarray(arrays["keys"], np.uint64)
+        capacity = max(INITIAL_ROWS, 1 << int(len(keys)).bit_length())
+        self.data = np.zeros((capacity, self.dim), dtype=self.dtype)
+        self.updater.resize(self.data)
+        self.index.insert(keys, np.arange(len(keys)))
+        self.data[:len(keys)] = arrays["data"]
+        self.size = len(keys)
+        self.updater.load_state({k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")},
+                                slice(0, len(keys)))
+
 
 class KVTable(TableHandle):
     """A hash table from int64 keys (any 64-bit value) to rows of `dim` values, shared by

@@ -132,6 +132,17 @@ class DenseRowShard:
         self.data[slice(None) if rows is None else rows] = values
         return {}, []
 
+    def checkpoint_arrays(self) -> dict[str, np.ndarray]:
+        """What a checkpoint keeps of this partition: its rows and their updater state."""
+        return {"data": self.data, **{f"state/{k}": v for k, v in self.updater.state().items()}}
+
+    def restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        if arrays["data"].shape != self.data.shape:
+            raise InvalidArgument(f"the checkpoint's partition is {list(arrays['data'].shape)}, "
+                                  f"this one {list(self.data.shape)}")
+        self.data[...] = arrays["data"]
+        self.updater.load_state({k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")})
+
 def initial_content(init: Any, init_value: Any, shape: tuple, dtype: np.dtype,
                     seed: Optional[int]) -> Callable[[], Optional[np.ndarray]]:
     """Validate init_value= or init= ("zeros", ("uniform", low, high), ("normal", std))
