@@ -59,6 +59,12 @@ def _security_options(parser: argparse.ArgumentParser) -> None:
                         help="trust peers whose certificate this CA signed, when connecting (MV_TLS_CA)")
 
 
+def _periodic_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-dir", metavar="PATH", help="with --checkpoint-every: where checkpoints go")
+    parser.add_argument("--checkpoint-every", type=_seconds, metavar="SECONDS",
+                        help="take a consistent checkpoint of every table this often")
+
+
 # Options that `run` hands to everything it starts through the environment.
 _SECURITY_ENV = {"auth_token_file": "MV_AUTH_TOKEN_FILE", "tls_cert": "MV_TLS_CERT", "tls_key": "MV_TLS_KEY",
                  "tls_ca": "MV_TLS_CA"}
@@ -84,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--ready-file", help="write HOST:PORT here once listening (for launchers)")
     _security_options(sched)
     sched.add_argument("--restore", metavar="PATH", help="start the job's tables from this checkpoint")
+    _periodic_checkpoint_options(sched)
     sched.add_argument("--heartbeat-timeout", type=_seconds, default=SchedulerConfig.heartbeat_timeout,
                        help="declare a worker dead when it sends nothing, not even a heartbeat, for this "
                             f"many seconds (default: {SchedulerConfig.heartbeat_timeout:g})")
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default: {SchedulerConfig.heartbeat_timeout:g})")
     _security_options(run)
     run.add_argument("--restore", metavar="PATH", help="start the job's tables from this checkpoint (mv.checkpoint)")
+    _periodic_checkpoint_options(run)
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the worker command")
     demo.add_parser(sub, _positive, _non_negative)
     return parser
@@ -122,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if bool(getattr(args, "checkpoint_dir", None)) != bool(getattr(args, "checkpoint_every", None)):
+        parser.error("--checkpoint-dir and --checkpoint-every go together")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "demo":
@@ -139,7 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 parser.error("run needs a command after --, e.g. multiverso-py run --workers 2 -- python train.py")
             return launch(cmd, args.workers, args.servers, consistency=args.consistency,
                           staleness=args.staleness, timeout=args.timeout, heartbeat_timeout=args.heartbeat_timeout,
-                          restore=args.restore, log_level=args.log_level)
+                          restore=args.restore, checkpoints=(args.checkpoint_dir, args.checkpoint_every),
+                          log_level=args.log_level)
         return _run_async(_scheduler(args) if args.command == "scheduler" else _server(args))
     except MultiversoError as exc:
         log.error("%s", exc)
@@ -181,7 +192,8 @@ async def _scheduler(args: argparse.Namespace) -> int:
     scheduler = Scheduler(SchedulerConfig(workers=args.workers, servers=args.servers, host=args.host, port=args.port,
                                           heartbeat_timeout=args.heartbeat_timeout, auth=_auth_for(args),
                                           tls=load_tls(args.tls_cert, args.tls_key, args.tls_ca),
-                                          restore=args.restore))
+                                          restore=args.restore, checkpoint_dir=args.checkpoint_dir,
+                                          checkpoint_every=args.checkpoint_every))
     _write_ready(args.ready_file, await scheduler.start())
     _on_signals(scheduler.finish)
     await scheduler.wait_done()

@@ -106,12 +106,15 @@ def mv_command(log_level: str = "info") -> list[str]:
 
 def start_nodes(children: Children, workdir: str, workers: int, servers: int, *, log_level: str = "info",
                 startup_timeout: float = 30.0, heartbeat_timeout: Optional[float] = None,
-                restore: Optional[str] = None) -> tuple[str, list[_Child]]:
+                restore: Optional[str] = None,
+                checkpoints: tuple[Optional[str], Optional[float]] = (None, None)) -> tuple[str, list[_Child]]:
     """Start a scheduler and `servers` servers; (scheduler address, [scheduler, servers...])."""
     mv = mv_command(log_level)
     ready = os.path.join(workdir, "scheduler")
     extra = [] if heartbeat_timeout is None else ["--heartbeat-timeout", str(heartbeat_timeout)]
     extra += [] if restore is None else ["--restore", os.path.abspath(restore)]
+    if all(checkpoints):
+        extra += ["--checkpoint-dir", os.path.abspath(checkpoints[0]), "--checkpoint-every", str(checkpoints[1])]
     scheduler = children.start("scheduler", [*mv, "scheduler", "--port", "0", "--workers", str(workers),
                                              "--servers", str(servers), "--ready-file", ready, *extra])
     address = _wait_ready(ready, scheduler, startup_timeout)
@@ -135,7 +138,8 @@ def worker_env(address: str, rank: int, *, consistency: Optional[str] = None, st
 
 def launch(cmd: Sequence[str], workers: int, servers: int, *, consistency: Optional[str] = None,
            staleness: Optional[int] = None, timeout: Optional[float] = None, startup_timeout: float = 30.0,
-           heartbeat_timeout: Optional[float] = None, restore: Optional[str] = None, log_level: str = "info",
+           heartbeat_timeout: Optional[float] = None, restore: Optional[str] = None,
+           checkpoints: tuple[Optional[str], Optional[float]] = (None, None), log_level: str = "info",
            out: IO[str] = sys.stdout) -> int:
     """Run a whole local job; return the first non-zero worker status, else 0."""
     previous = signal.signal(signal.SIGTERM, _raise_exit)
@@ -143,7 +147,7 @@ def launch(cmd: Sequence[str], workers: int, servers: int, *, consistency: Optio
         with tempfile.TemporaryDirectory(prefix="mv-run-") as tmp, Children(out) as children:
             address, nodes = start_nodes(children, tmp, workers, servers, log_level=log_level,
                                          startup_timeout=startup_timeout, heartbeat_timeout=heartbeat_timeout,
-                                         restore=restore)
+                                         restore=restore, checkpoints=checkpoints)
             procs = [children.start(f"worker {i}", cmd, worker_env(address, i, consistency=consistency,
                                                                   staleness=staleness, timeout=timeout))
                      for i in range(workers)]

@@ -13,9 +13,9 @@ from typing import Optional
 
 from multiverso_py import tables
 from multiverso_py.auth import Auth
-from multiverso_py.checkpoint import discard, new_checkpoint_dir, publish, read_manifest
-from multiverso_py.errors import ErrorCode, InvalidArgument, MultiversoError, TableSpecMismatch, code_for, exception_for
+from multiverso_py.errors import ErrorCode, MultiversoError, TableSpecMismatch, code_for, exception_for
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType
+from multiverso_py.scheduler_checkpoint import Checkpoints
 from multiverso_py.tables.base import TableSpec
 from multiverso_py.tls import TLS
 from multiverso_py.transport import Connection
@@ -35,6 +35,8 @@ class SchedulerConfig:
     auth: Optional[Auth] = None  # required of every connection when set
     tls: TLS = TLS()
     restore: Optional[str] = None  # a checkpoint: tables created under its names start from it
+    checkpoint_dir: Optional[str] = None  # with checkpoint_every: where periodic checkpoints go
+    checkpoint_every: Optional[float] = None  # seconds between them
 
     @property
     def heartbeat_interval(self) -> float:
@@ -79,7 +81,7 @@ class Scheduler:
         self.workers: dict[int, _Node] = {}  # live workers
         self._admitted = 0  # workers given an id so far
         self._waiting_workers: list[tuple[Connection, int]] = []
-        self._tables: dict[str, _TableEntry] = {}
+        self.tables: dict[str, _TableEntry] = {}
         self._table_ids = itertools.count()
         self._req_ids = itertools.count(1)
         self._server_replies: dict[int, asyncio.Future] = {}
@@ -87,8 +89,7 @@ class Scheduler:
         self._listener: Optional[asyncio.base_events.Server] = None
         self._done: Optional[asyncio.Event] = None
         self._watch: Optional[asyncio.Task] = None
-        self._restore = read_manifest(config.restore) if config.restore else None  # (folder, manifest)
-        self._checkpointing = False
+        self.checkpoints = Checkpoints(self)
         self._handlers = {
             MsgType.REGISTER: self._register,
             MsgType.BARRIER: self._enter_barrier,
@@ -111,6 +112,7 @@ class Scheduler:
         host, port = self._listener.sockets[0].getsockname()[:2]
         self.address = f"{host}:{port}"
         self._watch = loop.create_task(self._watch_workers())
+        self.checkpoints.start_periodic()
         log.info("scheduler listening on %s for %d worker(s), %d server(s)", self.address,
                  self.config.workers, self.config.servers)
         return self.address
@@ -188,7 +190,7 @@ class Scheduler:
         name, worker = frame.body["name"], conn.context.node_id
         try:
             spec = TableSpec.from_wire(frame.body["spec"])
-            entry = self._tables.get(name)
+            entry = self.tables.get(name)
             if entry is None:
                 entry = await self._new_table(name, spec)
             else:
@@ -211,14 +213,14 @@ class Scheduler:
             conn.send_error(frame.req_id, code_for(exc), str(exc))
 
     async def _new_table(self, name: str, spec: TableSpec) -> _TableEntry:
-        restore = self._restored_table(name, spec)
+        restore = self.checkpoints.restored_table(name, spec)
         table_id = next(self._table_ids)
         layout = tables.layout(spec, len(self.servers))
         count = len(layout["bounds"]) - 1 if "bounds" in layout else layout["partitions"]
         server_ids = sorted(self.servers)
         owners = [server_ids[p * len(server_ids) // count] for p in range(count)]
         entry = _TableEntry(table_id, name, spec, layout, owners)
-        self._tables[name] = entry
+        self.tables[name] = entry
         try:
             await asyncio.gather(*(
                 self._ask_server(sid, MsgType.CREATE_SHARDS, {
@@ -236,57 +238,19 @@ class Scheduler:
         log.info("table %r (id %d): %s %s %s, %d partition(s)", name, table_id, spec.kind, spec.shape, spec.dtype, count)
         return entry
 
-    def _restored_table(self, name: str, spec: TableSpec) -> Optional[dict]:
-        """Where a new table's content comes from in the checkpoint being restored, if any."""
-        if self._restore is None or name not in self._restore[1]["tables"]:
-            return None
-        folder, manifest = self._restore
-        saved = manifest["tables"][name]
-        problem = TableSpec.from_wire(saved["spec"]).mismatch(spec)
-        if problem:
-            raise TableSpecMismatch(f"table {name!r} of checkpoint {folder} has another spec: {problem}")
-        if manifest["servers"] != len(self.servers):
-            raise InvalidArgument(f"checkpoint {folder} was taken with {manifest['servers']} server(s); "
-                                  f"restore it with as many (this job has {len(self.servers)})")
-        return {"dir": str(folder), "table": saved["id"], "files": saved["files"]}
-
-    # -- checkpoints
     async def _checkpoint(self, conn: Connection, frame: Frame) -> None:
-        """A consistent cut: pause every worker until its adds are acknowledged, have every
-        server write its partitions once all earlier requests are applied, publish, resume."""
         path = frame.body["path"]
-        if self._checkpointing:
-            conn.send_error(frame.req_id, ErrorCode.BAD_REQUEST, "a checkpoint is being taken; try again after it")
-            return
-        self._checkpointing, tmp = True, None
-        workers = list(self.workers.values())
         try:
-            tmp, _ = new_checkpoint_dir(path)
-            await asyncio.gather(*(self._ask(node.conn, MsgType.PAUSE, {}) for node in workers))
-            await asyncio.gather(*(self._ask(self.servers[sid].conn, MsgType.SNAPSHOT,
-                                             {"file": str(tmp / f"server{sid}.safetensors")}) for sid in self.servers))
-            final = publish(tmp, self._manifest())
-            log.info("checkpoint written to %s", final)
-            conn.send(MsgType.REPLY, frame.req_id, {"data": {"path": str(final)}})
+            final = await self.checkpoints.take(path)
         except (MultiversoError, asyncio.TimeoutError, OSError) as exc:
-            if tmp is not None:
-                discard(tmp)
             conn.send_error(frame.req_id, code_for(exc), f"checkpoint to {path!r} failed: {exc or 'timed out'}")
-        finally:
-            for node in workers:  # their answers are not awaited
-                node.conn.send(MsgType.RESUME, next(self._req_ids))
-            self._checkpointing = False
-
-    def _manifest(self) -> dict:
-        return {"servers": len(self.servers), "workers": self.config.workers, "tables": {
-            name: {"id": e.table_id, "spec": e.spec.to_wire(), "layout": e.layout, "owners": e.owners,
-                   "files": {p: f"server{owner}.safetensors" for p, owner in enumerate(e.owners)}}
-            for name, e in self._tables.items() if e.ready.is_set()}}
+            return
+        conn.send(MsgType.REPLY, frame.req_id, {"data": {"path": str(final)}})
 
     async def _ask_server(self, sid: int, msg_type: MsgType, body: dict) -> dict:
-        return await self._ask(self.servers[sid].conn, msg_type, body)
+        return await self.ask(self.servers[sid].conn, msg_type, body)
 
-    async def _ask(self, conn: Connection, msg_type: MsgType, body: dict) -> dict:
+    async def ask(self, conn: Connection, msg_type: MsgType, body: dict) -> dict:
         req_id = next(self._req_ids)
         reply = self._server_replies[req_id] = asyncio.get_running_loop().create_future()
         conn.send(msg_type, req_id, body)
@@ -320,7 +284,7 @@ class Scheduler:
         conn.send(MsgType.REPLY, frame.req_id, {"data": {"owners": entry.owners, "map": entry.map_version}})
 
     def _entry_by_id(self, table_id: int) -> Optional[_TableEntry]:
-        return next((e for e in self._tables.values() if e.table_id == table_id), None)
+        return next((e for e in self.tables.values() if e.table_id == table_id), None)
 
     # -- barrier and leaving
     def _enter_barrier(self, conn: Connection, frame: Frame) -> None:
@@ -379,6 +343,7 @@ class Scheduler:
         self._done.set()
         if self._watch is not None:
             self._watch.cancel()
+        self.checkpoints.stop()
         for node in self.servers.values():
             node.conn.send(MsgType.SHUTDOWN, 0)
         if self._listener is not None:

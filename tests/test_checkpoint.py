@@ -99,6 +99,26 @@ def test_a_restored_job_continues_bit_identically(tmp_path: Path) -> None:
     assert set(state) == {"m", "v", "step"} and state["step"].max() > 0
 
 
+PERIODIC = """
+mv.init(timeout=60)
+table = mv.ArrayTable(1 << 18, name="counts", dtype="int64")
+ones = np.ones(1 << 18, np.int64)
+deadline = time.monotonic() + 30
+while not (HERE / "periodic" / "LATEST").exists() and time.monotonic() < deadline:
+    table.add_async(ones)  # adds all along, while the scheduler checkpoints on its own
+    time.sleep(0.01)
+table.add(ones)
+mv.shutdown()
+"""
+
+
+def test_periodic_checkpoints_while_workers_add(tmp_path: Path) -> None:
+    run(tmp_path, PERIODIC, workers=2,
+        options=("--checkpoint-dir", str(tmp_path / "periodic"), "--checkpoint-every", "0.3"))
+    counts = checkpoint.load(tmp_path / "periodic")["counts"].values
+    assert counts.min() == counts.max() > 0, (counts.min(), counts.max())
+
+
 def test_files_are_standard_safetensors_and_load_needs_no_job(tmp_path: Path) -> None:
     with mv.init():
         table = mv.MatrixTable(5, 3, name="m", updater="adam", lr=0.1, init_value=np.arange(15.0).reshape(5, 3))
