@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from multiverso_py.arrayops import sum_repeats
+from multiverso_py.arrayops import put_rows, sum_repeats
 from multiverso_py.errors import InvalidArgument
 
 Rows = Union[None, slice, np.ndarray]  # all rows, a span of them, or local row numbers
@@ -133,9 +133,9 @@ class Updater:
         values = np.take(self.data, rows, axis=0)
         state = {k: np.take(a, rows, axis=0) for k, a in self._state.items()}
         self.rule(values, delta, state, lr, rows, args)
-        self.data[rows] = values
+        put_rows(self.data, rows, values)
         for k, a in self._state.items():
-            a[rows] = state[k]
+            put_rows(a, rows, state[k])
 
     def rule(self, w: np.ndarray, g: np.ndarray, state: dict[str, np.ndarray], lr: Optional[float],
              where: Union[slice, np.ndarray], args: dict) -> None:

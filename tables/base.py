@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol
 
 import numpy as np
 
+from multiverso_py import arrayops
 from multiverso_py.errors import IndexOutOfRange, InvalidArgument
 
 TABLE_DTYPES = ("float32", "float64", "int32", "int64")
@@ -225,3 +226,8 @@ class TableHandle:
     def __repr__(self) -> str:
         s = self._info.spec
         return f"{type(self).__name__}(name={self.name!r}, shape={s.shape}, dtype={s.dtype}, updater={s.updater!r})"
+
+
+def scatter_rows(part: Part, arrays: list, args: dict, out: np.ndarray) -> None:
+    """On the I/O thread: a part's reply rows go to their positions in the result."""
+    arrayops.put_rows(out, part.positions, arrays[0])

@@ -33,6 +33,7 @@ from multiverso_py.tables.base import (
     as_array,
     group_by_partition,
     numpy_of,
+    scatter_rows,
 )
 from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64_int
 
@@ -278,7 +279,7 @@ class KVTable(TableHandle):
         row_bytes = self.dim * self.dtype.itemsize
         parts = [Part(p, arrays=[keys[pos]], positions=pos, reply_bytes=len(pos) * row_bytes)
                  for p, pos in self._split(keys)]
-        return self._submit("get", parts, _scatter_rows, result)
+        return self._submit("get", parts, scatter_rows, result)
 
     def get(self, keys: Any) -> np.ndarray:
         """The rows of `keys`, in their order (repeats allowed)."""
@@ -308,9 +309,6 @@ class KVTable(TableHandle):
     def __len__(self) -> int:
         return self._wait(self.len_async())[0]
 
-
-def _scatter_rows(part: Part, arrays: list, args: dict, out: np.ndarray) -> None:
-    out[part.positions] = arrays[0]
 
 
 def _count(part: Part, arrays: list, args: dict, total: list) -> None:

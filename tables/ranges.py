@@ -18,6 +18,7 @@ from multiverso_py.tables.base import (
     as_array,
     check_shape,
     group_by_partition,
+    scatter_rows,
 )
 
 from multiverso_py.errors import IndexOutOfRange, InvalidArgument
@@ -210,7 +211,7 @@ class RangeTableHandle(TableHandle):
             return self._submit("get", [Part(groups[0][0], arrays=[rows], dest=[_bytes_of(result)])], None, result)
         row_bytes = result.nbytes // max(1, len(rows))
         parts = [Part(p, arrays=[rows[pos]], positions=pos, reply_bytes=len(pos) * row_bytes) for p, pos in groups]
-        return self._submit("get", parts, _scatter_rows, result)
+        return self._submit("get", parts, scatter_rows, result)
 
     def _write_rows(self, op: str, delta: np.ndarray, rows: Optional[np.ndarray], lr: Any = None) -> Future:
         """Start an add (or the master's set) of all rows or of the given rows, with the
@@ -235,8 +236,6 @@ def result_array(out: Optional[np.ndarray], shape: tuple, dtype: np.dtype) -> np
     return out
 
 
-def _scatter_rows(part: Part, arrays: list, args: dict, out: np.ndarray) -> None:
-    out[part.positions] = arrays[0]
 
 
 def _bytes_of(array: np.ndarray) -> memoryview:

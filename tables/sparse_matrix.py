@@ -127,7 +127,7 @@ class SparseMatrixTable(MatrixTable):
     def _merge_rows(self, part: Part, arrays: list, args: dict, result: Any) -> None:
         """On the I/O thread: changed rows go into the cache."""
         ids, values = arrays
-        self._cache[ids] = values
+        arrayops.put_rows(self._cache, ids, values)
         self._info.stats.rows_received += len(ids)
 
     def _on_get_done(self, future: Future) -> None:

@@ -35,3 +35,17 @@ def test_add_rows_sums_repeats_like_add_at(values: np.ndarray, row_shape: tuple,
     np.testing.assert_array_equal(data, expected)
     distinct, summed = arrayops.sum_repeats(rows, delta)
     assert len(distinct) == len(np.unique(rows))
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids, st.sampled_from([(), (3,), (2, 2)]), st.booleans())
+def test_put_rows_matches_fancy_assignment(values: np.ndarray, row_shape: tuple, strided: bool) -> None:
+    rows = np.unique(values + 5)  # distinct row numbers 0..45
+    rng = np.random.default_rng(len(rows))
+    target = rng.standard_normal((46, *row_shape)).astype(np.float32)
+    new = rng.standard_normal((len(rows) * (2 if strided else 1), *row_shape)).astype(np.float32)
+    new = new[::2] if strided else new  # not contiguous: the plain path
+    expected = target.copy()
+    expected[rows] = new
+    arrayops.put_rows(target, rows, new)
+    np.testing.assert_array_equal(target, expected)
