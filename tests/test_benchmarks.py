@@ -32,6 +32,9 @@ def _ray_processes_since(start: float) -> list[str]:
 
 @pytest.mark.timeout(120)
 def test_ray_peer_measures_every_figure_and_leaves_nothing_running() -> None:
+    # Ray is the optional `peers` extra (an 80 MB install that starts a cluster of daemons),
+    # not part of the test install: the suite runs this where a user installed it, and
+    # test_a_missing_framework_skips_the_peer covers the benchmark without it.
     pytest.importorskip("ray")
     start = time.time() - 1
     samples = peers.measure(peers.RAY, TINY)
