@@ -25,8 +25,9 @@ from multiverso_py.acks import AddTracker
 from multiverso_py.auth import Auth
 from multiverso_py.batching import BATCH_BYTES, Batch, OpenBatches, chunk_messages, merge_adds, part_bytes, split_large
 from multiverso_py.consistency import wait_hint
-from multiverso_py.control import ControlRequests, heartbeat
-from multiverso_py.errors import ConnectionLost, ErrorCode, MultiversoError, RequestTimeout, exception_for
+from multiverso_py.control import ControlRequests, SendGate, heartbeat
+from multiverso_py.errors import ConnectionLost, MultiversoError, RequestTimeout, exception_for
+from multiverso_py.interruptions import Interruptions
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
 from multiverso_py.tables.base import OnReply, Part, TableInfo, TableSpec
 from multiverso_py.transport import Connection, LoopThread, open_connection
@@ -61,6 +62,7 @@ class _Pending:
     server: int
     parts: list[Part]
     deadline: float
+    seq: int  # kept: a message resent to a replaced server must be recognised as the same one
     dest: Optional[list[memoryview]] = None
 
 
@@ -72,7 +74,7 @@ class ClientConfig:
     tls: Optional[ssl.SSLContext] = None  # verifies the scheduler's and servers' certificates
 
 
-class Client:
+class Client(Interruptions):
     """Implements the Runtime interface that table handles use."""
 
     def __init__(self, io: LoopThread, config: ClientConfig = ClientConfig()):
@@ -95,7 +97,8 @@ class Client:
         self._sweeper: Optional[asyncio.Task] = None
         self._heartbeat: Optional[asyncio.Task] = None
         self._leaving = False
-        self._paused: Optional[list] = None  # messages held back while the scheduler takes a checkpoint
+        self._gate = SendGate()
+        self._recovery = False  # the job replaces dead servers: wait for them instead of failing
 
     # ------------------------------------------------------------ life cycle (any thread)
     def start(self, scheduler: tuple[str, int], rank: Optional[int] = None, local: Optional[Any] = None) -> None:
@@ -121,32 +124,6 @@ class Client:
     def control(self, msg_type: MsgType, body: dict, what: str) -> Any:
         """A request to the scheduler from the calling thread; returns the reply's data."""
         return self.io.run(self._ask_scheduler(msg_type, body, what))
-
-    def checkpoint(self, path: str) -> str:
-        """Flush this worker's adds, then have the scheduler take a checkpoint (it pauses
-        every worker until its adds are acknowledged). Returns its directory."""
-        self.flush()
-        return self.control(MsgType.CHECKPOINT, {"path": path}, f"checkpoint to {path!r}")["path"]
-
-    def _pause(self, req_id: int) -> None:
-        """From the scheduler: hold back new messages; answer once no add is unacknowledged."""
-        self._paused = self._paused or []
-
-        async def answer_when_quiet() -> None:
-            deadline = time.monotonic() + self.timeout
-            while any(p.op.name != "get" for p in self._pending.values()):
-                if time.monotonic() > deadline:
-                    return self._scheduler.send_error(req_id, ErrorCode.TIMEOUT, f"worker {self.worker_id}: adds "
-                                                      f"still unacknowledged after {self.timeout}s")
-                await asyncio.sleep(0.002)
-            self._scheduler.send(MsgType.REPLY, req_id)
-        asyncio.get_running_loop().create_task(answer_when_quiet())
-
-    def _resume(self, req_id: int) -> None:
-        held, self._paused = self._paused or [], None
-        for call, sid, parts in held:
-            self._send_message(call, sid, parts)
-        self._scheduler.send(MsgType.REPLY, req_id)
 
     def clock(self) -> None:
         """Tell every server that this worker finished a clock. Adds issued before it count
@@ -208,6 +185,7 @@ class Client:
         body = {"role": "worker"} if rank is None else {"role": "worker", "rank": rank}
         data = await self._ask_scheduler(MsgType.REGISTER, body, "registering with the scheduler")
         self.worker_id, self.workers_num = data["id"], data["workers"]
+        self._recovery = bool(data.get("recovery"))
         self.servers = {sid: f"{host}:{port}" for sid, host, port in data["servers"]}
         for sid, host, port in data["servers"]:
             if local is not None and local.address == f"{host}:{port}":
@@ -262,9 +240,8 @@ class Client:
         self.batched_adds += batch.count
         self._send_op(batch.call, merge_adds(batch.parts) if is_additive(spec.updater) else batch.parts)
 
-    def _send_message(self, call: _Op, sid: int, parts: list[Part]) -> None:
-        if self._paused is not None:
-            self._paused.append((call, sid, parts))
+    def _send_message(self, call: _Op, sid: int, parts: list[Part], seq: Optional[int] = None) -> None:
+        if seq is None and self._gate.hold((call, sid, parts)):  # a resend was in flight already: never held
             return
         conn = self._conns.get(sid)
         info = call.info
@@ -276,9 +253,10 @@ class Client:
         dest = None
         if all(p.dest is not None for p in parts):
             dest = [d for p in parts for d in p.dest]
-        self._pending[req_id] = _Pending(call, sid, parts, time.monotonic() + self.timeout, dest)
+        seq = next(self._seq) if seq is None else seq
+        self._pending[req_id] = _Pending(call, sid, parts, time.monotonic() + self.timeout, seq, dest)
         body_parts, buffers = pack_parts([(p.pid, p.args, p.arrays) for p in parts])
-        body = {"table": info.table_id, "client": self.worker_id, "seq": next(self._seq),
+        body = {"table": info.table_id, "client": self.worker_id, "seq": seq,
                 "map": info.map_version, "parts": body_parts}
         info.stats.requests += 1
         info.stats.bytes_sent += sum(b.nbytes for b in buffers)
@@ -300,8 +278,11 @@ class Client:
         return pending.dest if pending is not None and msg_type is MsgType.REPLY else None
 
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
-        if frame.type in (MsgType.PAUSE, MsgType.RESUME) and conn is self._scheduler:
-            (self._pause if frame.type is MsgType.PAUSE else self._resume)(frame.req_id)
+        if frame.type in (MsgType.PAUSE, MsgType.RESUME, MsgType.SERVER_MOVED) and conn is self._scheduler:
+            if frame.type is MsgType.SERVER_MOVED:
+                asyncio.get_running_loop().create_task(self._reconnect(frame.body))
+            else:
+                (self._pause if frame.type is MsgType.PAUSE else self._resume)(frame.req_id)
             return
         if self._control.answer(frame):
             return
@@ -371,6 +352,10 @@ class Client:
                 log.error("lost the connection to the scheduler")
             return
         sid = conn.context
+        if self._recovery and not self._leaving:
+            self._gate.down.add(sid)  # its requests wait (within their deadlines) for a replacement
+            log.warning("lost server %s; waiting for its replacement", sid)
+            return
         for req_id, pending in list(self._pending.items()):
             if pending.server == sid:
                 del self._pending[req_id]

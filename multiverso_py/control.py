@@ -62,3 +62,26 @@ async def heartbeat(conn: Any, interval: float) -> None:
     while not conn.closed:
         conn.send(MsgType.HEARTBEAT, 0)  # request id 0: the reply is dropped
         await asyncio.sleep(interval)
+
+
+class SendGate:
+    """Messages that may not go out yet: all of them while the scheduler takes a
+    checkpoint (paused), and those for a server that is down until its replacement
+    registers. Released in the order they were held."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.down: set[int] = set()
+        self._held: list[tuple] = []  # (call, server, parts)
+
+    def hold(self, message: tuple) -> bool:
+        if self.paused or message[1] in self.down:
+            self._held.append(message)
+            return True
+        return False
+
+    def release(self) -> list[tuple]:
+        """The held messages that may go now, in order."""
+        ready = [m for m in self._held if not self.paused and m[1] not in self.down]
+        self._held = [m for m in self._held if self.paused or m[1] in self.down]
+        return ready

@@ -60,6 +60,7 @@ class MsgType(enum.IntEnum):
     PAUSE = 34
     RESUME = 35
     SNAPSHOT = 36
+    SERVER_MOVED = 37  # scheduler -> workers: a lost server's replacement is at this address
 
 
 TABLE_OPS = frozenset({MsgType.GET, MsgType.ADD, MsgType.SET})
@@ -112,6 +113,7 @@ SCHEMAS: dict[MsgType, _Schema] = {
     MsgType.PAUSE: {},
     MsgType.RESUME: {},
     MsgType.SNAPSHOT: {"file": ((str,), True)},
+    MsgType.SERVER_MOVED: {"server": (_INT, True), "host": ((str,), True), "port": (_INT, True)},
 }
 # A part of a table operation or of its reply: one partition's slice of the request.
 _PART_SCHEMA: _Schema = {

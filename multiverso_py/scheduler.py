@@ -13,7 +13,7 @@ from typing import Optional
 
 from multiverso_py import tables
 from multiverso_py.auth import Auth
-from multiverso_py.errors import ErrorCode, MultiversoError, TableSpecMismatch, code_for, exception_for
+from multiverso_py.errors import ConnectionLost, ErrorCode, MultiversoError, TableSpecMismatch, code_for, exception_for
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType
 from multiverso_py.scheduler_checkpoint import Checkpoints
 from multiverso_py.tables.base import TableSpec
@@ -84,12 +84,13 @@ class Scheduler:
         self.tables: dict[str, _TableEntry] = {}
         self._table_ids = itertools.count()
         self._req_ids = itertools.count(1)
-        self._server_replies: dict[int, asyncio.Future] = {}
+        self._server_replies: dict[int, tuple[asyncio.Future, Connection]] = {}  # what ask() awaits
         self._barrier: list[tuple[Connection, int]] = []
         self._listener: Optional[asyncio.base_events.Server] = None
         self._done: Optional[asyncio.Event] = None
         self._watch: Optional[asyncio.Task] = None
         self.checkpoints = Checkpoints(self)
+        self.dead_servers: set[int] = set()  # lost servers a newly registering one replaces
         self._handlers = {
             MsgType.REGISTER: self._register,
             MsgType.BARRIER: self._enter_barrier,
@@ -146,11 +147,17 @@ class Scheduler:
             if "host" not in body or "port" not in body:
                 conn.send_error(frame.req_id, ErrorCode.BAD_REQUEST, "a server registers with its host and port")
                 return
-            node = _Node("server", len(self.servers), conn, f"{body['host']}:{body['port']}")
+            replacing = min(self.dead_servers, default=None)
+            node = _Node("server", len(self.servers) if replacing is None else replacing, conn,
+                         f"{body['host']}:{body['port']}")
             self.servers[node.node_id] = conn.context = node
             log.info("server %d registered at %s", node.node_id, node.address)
             conn.send(MsgType.REPLY, frame.req_id, {"data": {"id": node.node_id}})
-            self._admit_workers()
+            if replacing is None:
+                self._admit_workers()
+            else:
+                self.dead_servers.discard(replacing)
+                asyncio.get_running_loop().create_task(self.checkpoints.recover(node))
         elif body["role"] == "worker":
             if self._admitted + len(self._waiting_workers) >= self.config.workers:
                 conn.send_error(frame.req_id, ErrorCode.BAD_REQUEST,
@@ -180,7 +187,7 @@ class Scheduler:
             self.workers[node.node_id] = node
             node.last_seen = time.monotonic()
             conn.send(MsgType.REPLY, req_id, {"data": {"id": node.node_id, "workers": self.config.workers,
-                                                        "servers": servers,
+                                                        "servers": servers, "recovery": bool(self.config.checkpoint_dir),
                                                         "heartbeat": self.config.heartbeat_interval}})
         self._waiting_workers.clear()
         log.info("all %d worker(s) registered; the job starts", self.config.workers)
@@ -251,8 +258,12 @@ class Scheduler:
         return await self.ask(self.servers[sid].conn, msg_type, body)
 
     async def ask(self, conn: Connection, msg_type: MsgType, body: dict) -> dict:
+        """Send a request to a node; its reply. Fails when the node's connection closes."""
+        if conn.closed:
+            raise ConnectionLost(f"{msg_type.name}: the node's connection is closed")
         req_id = next(self._req_ids)
-        reply = self._server_replies[req_id] = asyncio.get_running_loop().create_future()
+        reply = asyncio.get_running_loop().create_future()
+        self._server_replies[req_id] = (reply, conn)
         conn.send(msg_type, req_id, body)
         try:
             return await asyncio.wait_for(reply, self.config.timeout)
@@ -260,7 +271,7 @@ class Scheduler:
             self._server_replies.pop(req_id, None)
 
     def _server_reply(self, conn: Connection, frame: Frame) -> None:
-        reply = self._server_replies.get(frame.req_id)
+        reply, _ = self._server_replies.get(frame.req_id, (None, None))
         if reply is None or reply.done():
             return
         if frame.type is MsgType.ERROR:
@@ -304,6 +315,9 @@ class Scheduler:
         self._drop_worker(conn.context, "left the job")
 
     def _on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
+        for reply, asked in self._server_replies.values():
+            if asked is conn and not reply.done():
+                reply.set_exception(ConnectionLost("the node closed its connection before answering"))
         node = conn.context
         if node is None:
             return
@@ -311,7 +325,10 @@ class Scheduler:
             self._waiting_workers = [(c, r) for c, r in self._waiting_workers if c is not conn]
             self._drop_worker(node, "disconnected")
         elif self.servers.get(node.node_id) is node and not self._done.is_set():
-            log.error("server %d at %s disconnected", node.node_id, node.address)
+            log.error("server %d at %s disconnected%s", node.node_id, node.address,
+                      "; waiting for a replacement" if self.config.checkpoint_dir else "")
+            if self.config.checkpoint_dir:  # a job with checkpoints can bring a server back
+                self.dead_servers.add(node.node_id)
 
     async def _watch_workers(self) -> None:
         """Declare dead the workers that sent nothing, not even a heartbeat, for

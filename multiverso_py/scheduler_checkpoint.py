@@ -57,6 +57,28 @@ class Checkpoints:
                    "files": {p: f"server{owner}.safetensors" for p, owner in enumerate(e.owners)}}
             for name, e in scheduler.tables.items() if e.ready.is_set()}}
 
+    async def recover(self, node: Any) -> None:
+        """A server replaces a lost one: give it the lost one's partitions from the latest
+        checkpoint (values, updater state, applied sequence numbers), then tell the workers
+        where it is. Adds acknowledged after that checkpoint are lost with the old server."""
+        scheduler, sid = self.scheduler, node.node_id
+        try:
+            folder, manifest = read_manifest(scheduler.config.checkpoint_dir)
+        except InvalidArgument:
+            folder, manifest = None, {"tables": {}}
+            log.error("server %d replaced before any checkpoint: its partitions start empty", sid)
+        for name, entry in scheduler.tables.items():
+            saved = manifest["tables"].get(name)
+            restore = saved and {"dir": str(folder), "table": saved["id"], "files": saved["files"], "recover": True}
+            await scheduler.ask(node.conn, MsgType.CREATE_SHARDS, {
+                "table": entry.table_id, "spec": entry.spec.to_wire(), "layout": entry.layout,
+                "partitions": [p for p, owner in enumerate(entry.owners) if owner == sid], "map": entry.map_version,
+                "workers": sorted(scheduler.workers), **({"restore": restore} if restore else {})})
+        host, port = node.address.rsplit(":", 1)
+        for worker in scheduler.workers.values():
+            worker.conn.send(MsgType.SERVER_MOVED, 0, {"server": sid, "host": host, "port": int(port)})
+        log.info("server %d is back at %s, restored from %s", sid, node.address, folder)
+
     def restored_table(self, name: str, spec: TableSpec) -> Optional[dict]:
         """Where a new table's content comes from in the checkpoint being restored, if any."""
         if self._restore is None or name not in self._restore[1]["tables"]:
@@ -86,8 +108,8 @@ class Checkpoints:
     async def _every(self, path: str, seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            if not self.scheduler.workers or not self.scheduler.tables:
-                continue  # nothing to save yet
+            if not self.scheduler.workers or not self.scheduler.tables or self.scheduler.dead_servers:
+                continue  # nothing to save yet, or a server is missing
             try:
                 await self.take(path)
             except (MultiversoError, asyncio.TimeoutError, OSError) as exc:

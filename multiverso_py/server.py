@@ -347,9 +347,8 @@ class Server:
         clocks = {w: self._clocks.get(w, 0) for w in body["workers"] if type(w) is int and w not in self._left}
         clock = TableClock(Model(spec.consistency), spec.staleness, clocks)
         shards = {pid: tables.make_shard(spec, body["layout"], pid) for pid in body["partitions"]}
-        if "restore" in body:
-            restore_partitions(shards, body["restore"])
-        partitions = {pid: Partition(shard) for pid, shard in shards.items()}
+        applied = restore_partitions(shards, body["restore"]) if "restore" in body else {}
+        partitions = {pid: Partition(shard, applied=applied.get(pid, {})) for pid, shard in shards.items()}
         self.tables[body["table"]] = Table(spec, body["map"], partitions, clock)
         log.info("server %s holds partitions %s of table %s", self.server_id, body["partitions"], body["table"])
 

@@ -61,13 +61,21 @@ class SnapshotJob:
         return tensors, {"server": self.server.server_id, "applied": applied, "held": held}
 
 
-def restore_partitions(shards: dict[int, Any], restore: dict) -> None:
+def restore_partitions(shards: dict[int, Any], restore: dict) -> dict[int, dict[int, int]]:
     """Fill new shards from a checkpoint: restore = {"dir", "table" (its id there),
-    "files": {partition: file}}; then apply the table's held adds of that checkpoint."""
+    "files": {partition: file}, "recover" (a replaced server of the same job)}; then
+    apply the table's held adds of that checkpoint. Returns, when recovering, each
+    partition's applied sequence numbers (client -> seq), so that resent adds apply once."""
     folder, old = Path(restore["dir"]), restore["table"]
     files = {int(p): f for p, f in restore["files"].items()}
+    applied: dict[int, dict[int, int]] = {}
     for file in sorted({files[p] for p in shards if p in files}):
         tensors, metadata = read_tensors(folder / file)
+        if restore.get("recover"):
+            for pid in shards:
+                seqs = metadata.get("applied", {}).get(f"t{old}/p{pid}")
+                if seqs is not None:
+                    applied[pid] = {int(client): seq for client, seq in seqs.items()}
         for pid, shard in shards.items():
             prefix = f"t{old}/p{pid}/"
             arrays = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -82,3 +90,4 @@ def restore_partitions(shards: dict[int, Any], restore: dict) -> None:
     missing = [p for p in shards if p not in files]
     if missing:
         raise InvalidArgument(f"the checkpoint has no data for partitions {missing}")
+    return applied

@@ -29,9 +29,10 @@ class LocalCluster:
     them are stopped on exit. Their output is kept in `log` for assertions."""
 
     def __init__(self, workers: int = 1, servers: int = 1, log_level: str = "info", startup_timeout: float = 30.0,
-                 heartbeat_timeout: Optional[float] = None):
+                 heartbeat_timeout: Optional[float] = None,
+                 checkpoints: tuple[Optional[str], Optional[float]] = (None, None)):
         self.workers, self.servers_num = workers, servers
-        self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeat_timeout, self.checkpoints = heartbeat_timeout, checkpoints
         self.log = io.StringIO()
         self._log_level, self._startup_timeout = log_level, startup_timeout
         self._children = Children(self.log)
@@ -44,7 +45,8 @@ class LocalCluster:
         try:
             self.address, self.nodes = start_nodes(self._children, self._tmp.name, self.workers, self.servers_num,
                                                    log_level=self._log_level, startup_timeout=self._startup_timeout,
-                                                   heartbeat_timeout=self.heartbeat_timeout)
+                                                   heartbeat_timeout=self.heartbeat_timeout,
+                                                   checkpoints=self.checkpoints)
         except BaseException:
             self.__exit__(None, None, None)
             raise

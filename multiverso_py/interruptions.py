@@ -1,0 +1,68 @@
+"""What a worker does when its job is interrupted: paused while the scheduler takes a
+checkpoint, or a server lost and later replaced (when the job replaces dead servers).
+A part of the Client, kept apart to keep the request path readable."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from multiverso_py.errors import ErrorCode, MultiversoError
+from multiverso_py.protocol import MsgType
+from multiverso_py.transport import open_connection
+
+log = logging.getLogger("multiverso_py.client")
+
+
+class Interruptions:
+    """Mixed into Client: uses its scheduler connection, pending messages and send gate."""
+
+    _scheduler: Any
+    _pending: dict
+    _gate: Any
+
+    def checkpoint(self, path: str) -> str:
+        """Flush this worker's adds, then have the scheduler take a checkpoint (it pauses
+        every worker until its adds are acknowledged). Returns its directory."""
+        self.flush()
+        return self.control(MsgType.CHECKPOINT, {"path": path}, f"checkpoint to {path!r}")["path"]
+
+    def _pause(self, req_id: int) -> None:
+        """From the scheduler: hold back new messages; answer once no add is unacknowledged."""
+        self._gate.paused = True
+
+        async def answer_when_quiet() -> None:
+            deadline = time.monotonic() + self.timeout
+            while any(p.op.name != "get" for p in self._pending.values()):
+                if time.monotonic() > deadline:
+                    return self._scheduler.send_error(req_id, ErrorCode.TIMEOUT, f"worker {self.worker_id}: adds "
+                                                      f"still unacknowledged after {self.timeout}s")
+                await asyncio.sleep(0.002)
+            self._scheduler.send(MsgType.REPLY, req_id)
+        asyncio.get_running_loop().create_task(answer_when_quiet())
+
+    def _resume(self, req_id: int) -> None:
+        self._gate.paused = False
+        for message in self._gate.release():
+            self._send_message(*message)
+        self._scheduler.send(MsgType.REPLY, req_id)
+
+    async def _reconnect(self, moved: dict) -> None:
+        """A replacement of a lost server registered: connect, resend what it never
+        answered (same sequence numbers: what it applied already is skipped), send the rest."""
+        sid, address = moved["server"], f"{moved['host']}:{moved['port']}"
+        try:
+            conn = await open_connection(moved["host"], moved["port"], self._connection, self.timeout, self.config.tls)
+        except MultiversoError as exc:
+            log.error("cannot reach the replacement of server %s at %s: %s", sid, address, exc)
+            return
+        conn.context, self._conns[sid], self.servers[sid] = sid, conn, address
+        self._gate.down.discard(sid)
+        for req_id, pending in [(r, p) for r, p in self._pending.items() if p.server == sid]:
+            del self._pending[req_id]
+            self._send_message(pending.op, sid, pending.parts, pending.seq)
+        for message in self._gate.release():
+            self._send_message(*message)
+        log.info("server %s is back at %s", sid, address)
