@@ -41,6 +41,7 @@ class Children:
     def __init__(self, out: IO[str]):
         self.out = out
         self.children: list[_Child] = []
+        self.stopping = False  # set once stopping begins: children that exit now are not replaced
         self._print_lock = threading.Lock()
 
     def start(self, name: str, argv: Sequence[str], env: Optional[dict] = None) -> _Child:
@@ -60,6 +61,7 @@ class Children:
 
     def stop(self, children: Sequence[_Child]) -> None:
         """SIGTERM each child's process group, then SIGKILL what outlives the grace period."""
+        self.stopping = True
         live = [c for c in children if c.proc.poll() is None]
         for child in live:
             _signal_group(child.proc, signal.SIGTERM)
@@ -98,6 +100,9 @@ def _wait_ready(path: str, child: _Child, timeout: float) -> str:
             raise MultiversoError(f"{child.name} exited with status {child.proc.returncode} before it was ready")
         time.sleep(0.02)
     raise MultiversoError(f"{child.name} was not ready within {timeout}s")
+
+
+MAX_REPLACEMENTS = 3  # of one server, by `run` in a job with checkpoints
 
 
 def mv_command(log_level: str = "info") -> list[str]:
@@ -151,6 +156,10 @@ def launch(cmd: Sequence[str], workers: int, servers: int, *, consistency: Optio
             procs = [children.start(f"worker {i}", cmd, worker_env(address, i, consistency=consistency,
                                                                   staleness=staleness, timeout=timeout))
                      for i in range(workers)]
+            if all(checkpoints):  # the scheduler can restore a lost server: bring one back
+                for j, node in enumerate(nodes[1:]):
+                    threading.Thread(target=_replace_when_dead, args=(children, node, j, address, log_level),
+                                     daemon=True).start()
             status = _wait_workers(procs)
             if status != 0:
                 return status
@@ -160,6 +169,17 @@ def launch(cmd: Sequence[str], workers: int, servers: int, *, consistency: Optio
         raise MultiversoError(f"cannot run {cmd[0]!r}: {exc.strerror}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _replace_when_dead(children: Children, node: _Child, index: int, address: str, log_level: str) -> None:
+    """Start a new server whenever this one dies before the job ends (at most MAX_REPLACEMENTS
+    times); the scheduler gives it the dead one's partitions from the latest checkpoint."""
+    for attempt in range(MAX_REPLACEMENTS):
+        status = node.proc.wait()
+        if status == 0 or children.stopping:
+            return
+        log.warning("server %d exited with status %d; starting a replacement", index, _exit_status(status))
+        node = children.start(f"server {index}", [*mv_command(log_level), "server", "--scheduler", address])
 
 
 def _wait_workers(procs: list[_Child]) -> int:

@@ -78,3 +78,41 @@ def test_a_killed_server_is_replaced_from_the_checkpoint_and_the_job_finishes(tm
     assert on[1].min() == on[1].max(), "the replaced server holds a torn state"
     print("replaced server holds", on[1][0], "of", 2 * ADDS)
     assert 0 < on[1][0] <= 2 * ADDS
+
+
+RUN_JOB = """
+import json, os, signal, time
+from pathlib import Path
+import numpy as np
+import psutil
+import multiverso_py as mv
+
+HERE = Path(__file__).parent
+mv.init(timeout=60)
+table = mv.ArrayTable(1 << 16, name="counts", dtype="int64")
+ones = np.ones(1 << 16, np.int64)
+for i in range(300):
+    table.add(ones)
+    if i == 100 and mv.worker_id() == 0:  # kill -9 a server the launcher started, once a checkpoint exists
+        deadline = time.monotonic() + 30
+        while not (HERE / "ckpt" / "LATEST").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        launcher = psutil.Process(os.getppid())
+        server = next(p for p in launcher.children() if "server" in p.cmdline() and "--ready-file" in p.cmdline())
+        os.kill(server.pid, signal.SIGKILL)
+    time.sleep(0.003)
+mv.barrier()
+if mv.worker_id() == 0:
+    (HERE / "done.json").write_text(json.dumps(int(table.get().max())))
+mv.shutdown()
+"""
+
+
+def test_run_replaces_a_server_that_dies(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(RUN_JOB))
+    result = testing.run_job(script, workers=2, servers=2, timeout=120,
+                             options=("--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "0.3"))
+    assert result.returncode == 0, testing.job_report(result)
+    assert "starting a replacement" in result.stderr + result.stdout, testing.job_report(result)
+    assert json.loads((tmp_path / "done.json").read_text()) == 600  # the rows on the server that lived
