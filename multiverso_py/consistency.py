@@ -106,6 +106,11 @@ class TableClock:
             self.clocks[worker] += 1
             self._release()
 
+    def join(self, worker: int) -> None:
+        """A worker (re)joins: it starts at the slowest clock, so it holds no one back."""
+        slowest = self.slowest()
+        self.clocks[worker] = 0 if slowest == math.inf else int(slowest)
+
     def drop(self, worker: int) -> None:
         """The worker left the job: it no longer holds anyone back."""
         if self.clocks.pop(worker, None) is not None:

@@ -61,6 +61,7 @@ class MsgType(enum.IntEnum):
     RESUME = 35
     SNAPSHOT = 36
     SERVER_MOVED = 37  # scheduler -> workers: a lost server's replacement is at this address
+    WORKER_JOINED = 38  # scheduler -> servers: a worker that was lost rejoined (a restart with its id)
 
 
 TABLE_OPS = frozenset({MsgType.GET, MsgType.ADD, MsgType.SET})
@@ -114,6 +115,7 @@ SCHEMAS: dict[MsgType, _Schema] = {
     MsgType.RESUME: {},
     MsgType.SNAPSHOT: {"file": ((str,), True)},
     MsgType.SERVER_MOVED: {"server": (_INT, True), "host": ((str,), True), "port": (_INT, True)},
+    MsgType.WORKER_JOINED: {"worker": (_INT, True)},
 }
 # A part of a table operation or of its reply: one partition's slice of the request.
 _PART_SCHEMA: _Schema = {

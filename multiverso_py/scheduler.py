@@ -159,6 +159,10 @@ class Scheduler:
                 self.dead_servers.discard(replacing)
                 asyncio.get_running_loop().create_task(self.checkpoints.recover(node))
         elif body["role"] == "worker":
+            rank = body.get("rank", -1)
+            if self._admitted == self.config.workers and rank in set(range(self.config.workers)) - set(self.workers):
+                self._rejoin(conn, frame.req_id, _Node("worker", rank, conn))
+                return
             if self._admitted + len(self._waiting_workers) >= self.config.workers:
                 conn.send_error(frame.req_id, ErrorCode.BAD_REQUEST,
                                 f"the job is full: it was started for {self.config.workers} worker(s)")
@@ -173,8 +177,7 @@ class Scheduler:
         """Workers get their ids once all of them and enough servers have registered."""
         if len(self._waiting_workers) < self.config.workers or len(self.servers) < self.config.servers:
             return
-        servers = [[sid, *node.address.rsplit(":", 1)] for sid, node in sorted(self.servers.items())]
-        servers = [[sid, host, int(port)] for sid, host, port in servers]
+        servers = self._server_list()
         requested = [conn.context.node_id for conn, _ in self._waiting_workers]
         free = iter(sorted(set(range(self.config.workers)) - set(requested)))
         taken: set[int] = set()
@@ -184,13 +187,30 @@ class Scheduler:
                 node.node_id = next(free)  # no rank asked for, or asked twice: the next free one
             taken.add(node.node_id)
             self._admitted += 1
-            self.workers[node.node_id] = node
-            node.last_seen = time.monotonic()
-            conn.send(MsgType.REPLY, req_id, {"data": {"id": node.node_id, "workers": self.config.workers,
-                                                        "servers": servers, "recovery": bool(self.config.checkpoint_dir),
-                                                        "heartbeat": self.config.heartbeat_interval}})
+            self._welcome(conn, req_id, node, servers)
         self._waiting_workers.clear()
         log.info("all %d worker(s) registered; the job starts", self.config.workers)
+
+    def _server_list(self) -> list:
+        """[id, host, port] of every server, as workers are told at registration."""
+        return [[sid, node.address.rsplit(":", 1)[0], int(node.address.rsplit(":", 1)[1])]
+                for sid, node in sorted(self.servers.items())]
+
+    def _welcome(self, conn: Connection, req_id: int, node: _Node, servers: list) -> None:
+        self.workers[node.node_id] = conn.context = node
+        node.last_seen = time.monotonic()
+        conn.send(MsgType.REPLY, req_id, {"data": {"id": node.node_id, "workers": self.config.workers,
+                                                    "servers": servers, "recovery": bool(self.config.checkpoint_dir),
+                                                    "heartbeat": self.config.heartbeat_interval}})
+
+    def _rejoin(self, conn: Connection, req_id: int, node: _Node) -> None:
+        """A worker restarted with the id of one that was lost takes its place: the
+        servers count its clock again (from the slowest one's) and forget its old
+        sequence numbers, since the new process starts them over."""
+        self._welcome(conn, req_id, node, self._server_list())
+        for server in self.servers.values():
+            server.conn.send(MsgType.WORKER_JOINED, 0, {"worker": node.node_id})
+        log.info("worker %d rejoined the job", node.node_id)
 
     # -- tables
     async def _create_table(self, conn: Connection, frame: Frame) -> None:

@@ -283,6 +283,16 @@ class Server:
             table.clock.tick(worker)
         conn.send(MsgType.REPLY, frame.req_id)
 
+    def _worker_joined(self, worker: int) -> None:
+        """A restarted worker took a lost one's id: count it again, from the slowest clock,
+        and forget the sequence numbers of the process it replaces."""
+        self._left.discard(worker)
+        self._clocks[worker] = min(self._clocks.values(), default=0)
+        for table in self.tables.values():
+            table.clock.join(worker)
+            for partition in table.partitions.values():
+                partition.applied.pop(worker, None)
+
     def _worker_left(self, worker: int) -> None:
         self._left.add(worker)
         self._clocks.pop(worker, None)
@@ -329,6 +339,8 @@ class Server:
             conn.send(MsgType.REPLY, frame.req_id)
         elif frame.type is MsgType.WORKER_LEFT:
             self._worker_left(frame.body["worker"])
+        elif frame.type is MsgType.WORKER_JOINED:
+            self._worker_joined(frame.body["worker"])
         elif frame.type is MsgType.SNAPSHOT:
             self._snapshot(conn, frame)
         elif frame.type is MsgType.SHUTDOWN:

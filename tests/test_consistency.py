@@ -351,3 +351,41 @@ def test_ssp_and_bsp_in_an_embedded_job() -> None:
             np.testing.assert_array_equal(bsp.get(), np.full(3, c))  # BSP: not even its own add of clock c
             np.testing.assert_array_equal(ssp.get(), np.full(3, c + 1))  # SSP: read-your-writes
             mv.clock()
+
+
+REJOIN = """
+mv.init(timeout=30)
+w = mv.worker_id()
+table = mv.ArrayTable(2, dtype="float64", name="t")
+restarted = (HERE / "first-run-of-1").exists() and w == 1
+if w == 1 and not restarted:
+    (HERE / "first-run-of-1").write_text("")
+    for _ in range(5):
+        table.add([0.0, 1.0])
+    os.kill(os.getpid(), 9)  # dies; the test starts it again with the same id
+for _ in range(5):
+    table.add([1.0, 0.0] if w == 0 else [0.0, 1.0])
+if w == 0:  # stays in the job (alone, it would end it) until the restarted worker 1 has added
+    wait_until(lambda: table.get()[1] >= 10, "the restarted worker's adds", timeout=60)
+mv.barrier()
+save("final", table.get().tolist())
+mv.shutdown()
+"""
+
+
+def test_a_worker_restarted_with_its_id_rejoins(tmp_path: Path) -> None:
+    script = write_script(tmp_path, REJOIN)
+    with testing.LocalCluster(workers=2, servers=1) as cluster:
+        procs = start_workers(script, cluster)
+        try:
+            assert procs[1].wait(30) == -9
+            again = subprocess.Popen([sys.executable, str(script)], env={**os.environ, **cluster.worker_env(1)},
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            procs.append(again)
+            outputs = [procs[0].communicate(timeout=RUN_TIMEOUT)[0], again.communicate(timeout=RUN_TIMEOUT)[0]]
+        finally:
+            stop_all(procs)
+        assert procs[0].returncode == 0 and again.returncode == 0, "\n".join(outputs) + cluster.log.getvalue()
+        assert "worker 1 rejoined the job" in cluster.log.getvalue()
+    # the dead process's 5 adds and the new one's 5 all count: its fresh sequence numbers were not mistaken for old ones
+    assert saved(tmp_path, "final", [0, 1]) == {0: [5.0, 10.0], 1: [5.0, 10.0]}
