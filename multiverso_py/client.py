@@ -278,9 +278,12 @@ class Client(Interruptions):
         return pending.dest if pending is not None and msg_type is MsgType.REPLY else None
 
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
-        if frame.type in (MsgType.PAUSE, MsgType.RESUME, MsgType.SERVER_MOVED) and conn is self._scheduler:
+        if frame.type in (MsgType.PAUSE, MsgType.RESUME, MsgType.SERVER_MOVED, MsgType.SERVER_LOST) \
+                and conn is self._scheduler:
             if frame.type is MsgType.SERVER_MOVED:
                 asyncio.get_running_loop().create_task(self._reconnect(frame.body))
+            elif frame.type is MsgType.SERVER_LOST and frame.body["server"] in self._conns:
+                self._conns[frame.body["server"]].abort()  # its requests fail now, or wait for a replacement
             else:
                 (self._pause if frame.type is MsgType.PAUSE else self._resume)(frame.req_id)
             return

@@ -62,6 +62,7 @@ class MsgType(enum.IntEnum):
     SNAPSHOT = 36
     SERVER_MOVED = 37  # scheduler -> workers: a lost server's replacement is at this address
     WORKER_JOINED = 38  # scheduler -> servers: a worker that was lost rejoined (a restart with its id)
+    SERVER_LOST = 39  # scheduler -> workers: a server stopped answering; drop the connection to it
 
 
 TABLE_OPS = frozenset({MsgType.GET, MsgType.ADD, MsgType.SET})
@@ -116,6 +117,7 @@ SCHEMAS: dict[MsgType, _Schema] = {
     MsgType.SNAPSHOT: {"file": ((str,), True)},
     MsgType.SERVER_MOVED: {"server": (_INT, True), "host": ((str,), True), "port": (_INT, True)},
     MsgType.WORKER_JOINED: {"worker": (_INT, True)},
+    MsgType.SERVER_LOST: {"server": (_INT, True)},
 }
 # A part of a table operation or of its reply: one partition's slice of the request.
 _PART_SCHEMA: _Schema = {

@@ -351,15 +351,23 @@ class Scheduler:
                 self.dead_servers.add(node.node_id)
 
     async def _watch_workers(self) -> None:
-        """Declare dead the workers that sent nothing, not even a heartbeat, for
-        heartbeat_timeout: a hung or stopped process holds no barrier or clock forever."""
+        """Declare dead the nodes that sent nothing, not even a heartbeat, for
+        heartbeat_timeout: a hung or stopped worker holds no barrier or clock forever, and
+        requests to a hung server fail (or wait for its replacement) instead of timing out."""
         while True:
             await asyncio.sleep(self.config.heartbeat_interval / 2)
+            for server in self.servers.values():
+                server.conn.send(MsgType.HEARTBEAT, 0)  # its answer, like anything it sends, counts as alive
             silent_since = time.monotonic() - self.config.heartbeat_timeout
             for node in [n for n in self.workers.values() if n.last_seen < silent_since]:
                 log.warning("worker %d sent nothing for %ss: declared dead", node.node_id, self.config.heartbeat_timeout)
                 self._drop_worker(node, "was declared dead")
                 node.conn.abort()
+            for node in [n for n in self.servers.values() if n.last_seen < silent_since and not n.conn.closed]:
+                log.warning("server %d answered nothing for %ss: declared dead", node.node_id, self.config.heartbeat_timeout)
+                node.conn.abort()
+                for worker in self.workers.values():
+                    worker.conn.send(MsgType.SERVER_LOST, 0, {"server": node.node_id})
 
     def _drop_worker(self, node: _Node, why: str) -> None:
         if self.workers.pop(node.node_id, None) is None:

@@ -285,3 +285,20 @@ def test_worker_crash_mid_job(launcher: Callable[..., Launch]) -> None:
     assert "[worker 1] Traceback (most recent call last):" in lines, text
     assert launch.roles()["server"] == 2 and launch.roles()["scheduler"] == 1, launch.seen
     launch.assert_no_orphans()
+
+
+def test_a_hung_server_is_declared_dead_and_requests_to_it_fail_fast() -> None:
+    """SIGSTOP: the server's connections stay open, so only missing heartbeats tell."""
+    with LocalCluster(workers=1, servers=1, heartbeat_timeout=1.0) as cluster:
+        with mv.init(cluster.address, timeout=30):
+            table = mv.ArrayTable(4, name="t")
+            table.add(np.ones(4))
+            os.kill(cluster.servers[0].pid, signal.SIGSTOP)
+            try:
+                start = time.monotonic()
+                with pytest.raises(mv.ConnectionLost, match="server 0"):
+                    table.get()
+                assert time.monotonic() - start < 10, "the get waited for its 30 s timeout instead"
+                assert "server 0 answered nothing for 1.0s: declared dead" in cluster.log.getvalue()
+            finally:
+                os.kill(cluster.servers[0].pid, signal.SIGCONT)
