@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 MAX_MOVED_RETRIES = 5
 _OPS = {"get": MsgType.GET, "add": MsgType.ADD, "set": MsgType.SET}
+_FROM_SCHEDULER = frozenset({MsgType.PAUSE, MsgType.RESUME, MsgType.SERVER_MOVED, MsgType.SERVER_LOST,
+                             MsgType.WORKER_LEFT, MsgType.WORKER_JOINED})  # what it tells a worker unasked
 
 
 @dataclass
@@ -278,9 +280,10 @@ class Client(Interruptions):
         return pending.dest if pending is not None and msg_type is MsgType.REPLY else None
 
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
-        if frame.type in (MsgType.PAUSE, MsgType.RESUME, MsgType.SERVER_MOVED, MsgType.SERVER_LOST) \
-                and conn is self._scheduler:
-            if frame.type is MsgType.SERVER_MOVED:
+        if frame.type in _FROM_SCHEDULER and conn is self._scheduler:
+            if frame.type in (MsgType.WORKER_LEFT, MsgType.WORKER_JOINED):  # workers_num() counts live ones
+                self.workers_num += 1 if frame.type is MsgType.WORKER_JOINED else -1
+            elif frame.type is MsgType.SERVER_MOVED:
                 asyncio.get_running_loop().create_task(self._reconnect(frame.body))
             elif frame.type is MsgType.SERVER_LOST and frame.body["server"] in self._conns:
                 self._conns[frame.body["server"]].abort()  # its requests fail now, or wait for a replacement

@@ -208,8 +208,8 @@ class Scheduler:
         servers count its clock again (from the slowest one's) and forget its old
         sequence numbers, since the new process starts them over."""
         self._welcome(conn, req_id, node, self._server_list())
-        for server in self.servers.values():
-            server.conn.send(MsgType.WORKER_JOINED, 0, {"worker": node.node_id})
+        for other in [*self.servers.values(), *(w for w in self.workers.values() if w is not node)]:
+            other.conn.send(MsgType.WORKER_JOINED, 0, {"worker": node.node_id})
         log.info("worker %d rejoined the job", node.node_id)
 
     # -- tables
@@ -373,8 +373,8 @@ class Scheduler:
         if self.workers.pop(node.node_id, None) is None:
             return
         log.info("worker %d %s; %d live worker(s) remain", node.node_id, why, len(self.workers))
-        for server in self.servers.values():  # its clock no longer holds back SSP and BSP tables
-            server.conn.send(MsgType.WORKER_LEFT, 0, {"worker": node.node_id})
+        for other in [*self.servers.values(), *self.workers.values()]:  # servers: its clock stops counting
+            other.conn.send(MsgType.WORKER_LEFT, 0, {"worker": node.node_id})
         self._barrier = [(c, r) for c, r in self._barrier if c.context is not node]
         self._release_barrier()
         if not self.workers and self._admitted == self.config.workers:

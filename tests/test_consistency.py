@@ -266,6 +266,7 @@ for c in range(5):
         os.kill(os.getpid(), 9)  # dies at clock 1, after its add
     mv.clock()
 save("seen", seen)
+wait_until(lambda: mv.workers_num() == 1, "workers_num() to count only the live worker")
 mv.shutdown()
 """
 
