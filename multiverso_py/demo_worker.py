@@ -77,7 +77,8 @@ def train(args: argparse.Namespace, data: Digits) -> dict[str, Any]:
     emit("done", samples=samples, seconds=seconds)
     mv.barrier()  # every worker's last push is in
     opt.pull()
-    return {"model": model, "optimizer": opt, "history": history, "samples": samples, "seconds": seconds}
+    return {"model": model, "optimizer": opt, "history": history, "samples": samples, "seconds": seconds,
+            "workers": workers}
 
 
 def save(args: argparse.Namespace, data: Digits, result: dict[str, Any]) -> None:
@@ -89,7 +90,7 @@ def save(args: argparse.Namespace, data: Digits, result: dict[str, Any]) -> None
                 "test_accuracy": test_accuracy}, checkpoint)
     figure = plot(history, args.out / "training.png")
     summary = {"test_accuracy": test_accuracy, "test_loss": test_loss, "checkpoint": str(checkpoint),
-               "figure": figure, "workers": mv.workers_num(), "servers": mv.servers_num(), **history}
+               "figure": figure, "workers": result["workers"], "servers": mv.servers_num(), **history}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 

@@ -26,15 +26,16 @@ def main() -> None:
         x = rng.normal(size=(SAMPLES, FEATURES)).astype(np.float32)
         y = x @ true_w + rng.normal(scale=0.01, size=SAMPLES).astype(np.float32)
         weights = mv.ArrayTable(FEATURES, name="weights")
+        workers = mv.workers_num()  # the job's size at the start (workers_num() later counts those still in it)
         for step in range(STEPS):
             w = weights.get()
             grad = x.T @ (x @ w - y) / SAMPLES
-            weights.add(-LR * grad / mv.workers_num())
+            weights.add(-LR * grad / workers)
             if step % 20 == 0:
                 print(f"worker {mv.worker_id()}: step {step:3d}  loss {np.mean((x @ w - y) ** 2):.5f}")
         mv.barrier()
         w = weights.get()
-        print(f"worker {mv.worker_id()} of {mv.workers_num()}: final loss {np.mean((x @ w - y) ** 2):.5f}, "
+        print(f"worker {mv.worker_id()} of {workers}: final loss {np.mean((x @ w - y) ** 2):.5f}, "
               f"largest weight error {np.abs(w - true_w).max():.4f}")
 
 

@@ -130,10 +130,11 @@ def test_run_with_a_token_file(tmp_path: Path) -> None:
         import numpy as np
         import multiverso_py as mv
         with mv.init():
+            workers = mv.workers_num()
             t = mv.ArrayTable(3, name="t")
             t.add(np.ones(3))
             mv.barrier()
-            assert (t.get() == mv.workers_num()).all()
+            assert (t.get() == workers).all()
     """))
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MV_")}
     result = subprocess.run([sys.executable, "-m", "multiverso_py", "--log-level", "warning", "run", "--workers", "2",

@@ -79,12 +79,13 @@ WORKER_SCRIPT = textwrap.dedent(
 
     def main() -> None:
         mv.init()
+        workers = mv.workers_num()  # the job's size; later it counts the workers still in it
         try:
             array_scenario(10_000)
             array_scenario(1)  # fewer elements than servers: some servers hold nothing
             matrix_scenario()
             mv.barrier()
-            print(f"worker {mv.worker_id()} of {mv.workers_num()} on {mv.servers_num()} server(s): ok", flush=True)
+            print(f"worker {mv.worker_id()} of {workers} on {mv.servers_num()} server(s): ok", flush=True)
         finally:
             mv.shutdown()
         print("ok", flush=True)

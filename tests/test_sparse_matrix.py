@@ -290,7 +290,7 @@ TWO_WORKER_SCRIPT = textwrap.dedent(
     def main():
         mv.init()
         try:
-            me = mv.worker_id()
+            me, workers = mv.worker_id(), mv.workers_num()
             base = (np.arange(NUM_ROWS)[:, None] * 1000 + np.arange(NUM_COLS)[None, :]).astype(np.int64)
             table = mv.SparseMatrixTable(NUM_ROWS, NUM_COLS, "int64", name="shared", init_value=base)
             expect_moved(fetch(table, "warm", base), NUM_ROWS, "warm")
@@ -318,7 +318,7 @@ TWO_WORKER_SCRIPT = textwrap.dedent(
             if me == 1:
                 expect_moved(fetch(table, "changed-by-0", expected), 1, "the row worker 0 changed")
             mv.barrier()
-            print(f"worker {me} of {mv.workers_num()} on {mv.servers_num()} servers: ok", flush=True)
+            print(f"worker {me} of {workers} on {mv.servers_num()} servers: ok", flush=True)
         finally:
             mv.shutdown()
 

@@ -61,7 +61,7 @@ PARAM_MANAGER_WORKER = textwrap.dedent("""
         return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
     with mv.init():
-        rank = mv.worker_id()
+        rank, n = mv.worker_id(), mv.workers_num()  # the job's size (later: the workers still in it)
         torch.manual_seed(100)
         master = state(Net())  # what worker 0 starts from
         torch.manual_seed(100 + rank)
@@ -79,7 +79,6 @@ PARAM_MANAGER_WORKER = textwrap.dedent("""
             mv.clock()  # BSP applies a clock's adds once every worker finished it
         mv.barrier()
         pm.sync()
-        n = mv.workers_num()
         total = ROUNDS * n * (n + 1) // 2
         for k, v in state(net).items():
             if k.endswith("num_batches_tracked"):
