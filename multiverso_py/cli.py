@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     serv.add_argument("--threads", type=_positive, default=ServerConfig.threads,
                       help=f"threads for table work (default: {ServerConfig.threads})")
     serv.add_argument("--ready-file", help="write HOST:PORT here once registered (for launchers)")
+    _periodic_checkpoint_options(serv)
     _security_options(serv)
 
     run = sub.add_parser("run", help="run a local job: scheduler, servers and N copies of a command",
@@ -204,7 +205,9 @@ async def _scheduler(args: argparse.Namespace) -> int:
 
 async def _server(args: argparse.Namespace) -> int:
     server = Server(ServerConfig(host=args.host, port=args.port, threads=args.threads, auth=_auth_for(args),
-                                 tls=load_tls(args.tls_cert, args.tls_key, args.tls_ca)))
+                                 tls=load_tls(args.tls_cert, args.tls_key, args.tls_ca),
+                                 checkpoint_dir=args.checkpoint_dir and os.path.abspath(args.checkpoint_dir),
+                                 checkpoint_every=args.checkpoint_every))
     await server.start()
     await server.register(parse_address(args.scheduler))
     _write_ready(args.ready_file, server.address)

@@ -90,6 +90,8 @@ SCHEMAS: dict[MsgType, _Schema] = {
         "host": ((str,), False),
         "port": (_INT, False),
         "rank": (_INT, False),
+        "checkpoint_dir": ((str,), False),  # a server asking for periodic checkpoints of the job
+        "checkpoint_every": ((float, int), False),
     },
     MsgType.BARRIER: {},
     MsgType.CREATE_TABLE: {"name": ((str,), True), "spec": ((dict,), True)},

@@ -122,9 +122,7 @@ class Scheduler:
         await self._done.wait()
 
     def _spawn(self, handler):
-        def run(conn: Connection, frame: Frame) -> None:
-            asyncio.get_running_loop().create_task(handler(conn, frame))
-        return run
+        return lambda conn, frame: asyncio.get_running_loop().create_task(handler(conn, frame))
 
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
         handler = self._handlers.get(frame.type)
@@ -153,6 +151,7 @@ class Scheduler:
             self.servers[node.node_id] = conn.context = node
             log.info("server %d registered at %s", node.node_id, node.address)
             conn.send(MsgType.REPLY, frame.req_id, {"data": {"id": node.node_id}})
+            self.checkpoints.start_periodic(body.get("checkpoint_dir"), body.get("checkpoint_every"))
             if replacing is None:
                 self._admit_workers()
             else:
@@ -200,7 +199,7 @@ class Scheduler:
         self.workers[node.node_id] = conn.context = node
         node.last_seen = time.monotonic()
         conn.send(MsgType.REPLY, req_id, {"data": {"id": node.node_id, "workers": self.config.workers,
-                                                    "servers": servers, "recovery": bool(self.config.checkpoint_dir),
+                                                    "servers": servers, "recovery": bool(self.checkpoints.dir),
                                                     "heartbeat": self.config.heartbeat_interval}})
 
     def _rejoin(self, conn: Connection, req_id: int, node: _Node) -> None:
@@ -346,8 +345,8 @@ class Scheduler:
             self._drop_worker(node, "disconnected")
         elif self.servers.get(node.node_id) is node and not self._done.is_set():
             log.error("server %d at %s disconnected%s", node.node_id, node.address,
-                      "; waiting for a replacement" if self.config.checkpoint_dir else "")
-            if self.config.checkpoint_dir:  # a job with checkpoints can bring a server back
+                      "; waiting for a replacement" if self.checkpoints.dir else "")
+            if self.checkpoints.dir:  # a job with checkpoints can bring a server back
                 self.dead_servers.add(node.node_id)
 
     async def _watch_workers(self) -> None:

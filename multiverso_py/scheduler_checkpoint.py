@@ -23,6 +23,8 @@ class Checkpoints:
         self._restore = read_manifest(config.restore) if config.restore else None  # (folder, manifest)
         self._busy = False
         self._periodic: Optional[asyncio.Task] = None
+        # where periodic checkpoints go, and how often; a server may bring them (server --checkpoint-dir)
+        self.dir, self.every = config.checkpoint_dir, config.checkpoint_every
 
     async def take(self, path: str) -> Path:
         """A consistent cut: pause every worker until its adds are acknowledged, have every
@@ -63,7 +65,7 @@ class Checkpoints:
         where it is. Adds acknowledged after that checkpoint are lost with the old server."""
         scheduler, sid = self.scheduler, node.node_id
         try:
-            folder, manifest = read_manifest(scheduler.config.checkpoint_dir)
+            folder, manifest = read_manifest(self.dir)
         except InvalidArgument:
             folder, manifest = None, {"tables": {}}
             log.error("server %d replaced before any checkpoint: its partitions start empty", sid)
@@ -95,11 +97,13 @@ class Checkpoints:
         return {"dir": str(folder), "table": saved["id"], "files": saved["files"]}
 
     # -- periodic checkpoints
-    def start_periodic(self) -> None:
-        config = self.scheduler.config
-        if config.checkpoint_dir and config.checkpoint_every:
-            self._periodic = asyncio.get_running_loop().create_task(self._every(config.checkpoint_dir,
-                                                                                config.checkpoint_every))
+    def start_periodic(self, directory: Optional[str] = None, every: Optional[float] = None) -> None:
+        """Take checkpoints every `every` seconds into `directory` (by default the
+        scheduler's own settings); the first settings given win."""
+        if self._periodic is not None or not (self.dir or directory) or not (self.every or every):
+            return
+        self.dir, self.every = self.dir or directory, self.every or every
+        self._periodic = asyncio.get_running_loop().create_task(self._every(self.dir, self.every))
 
     def stop(self) -> None:
         if self._periodic is not None:

@@ -46,6 +46,8 @@ class ServerConfig:
     handshake_timeout: float = 10.0  # a connection not authenticated by then is dropped
     max_in_flight: int = 1024  # requests of one connection being served; beyond it, reading pauses
     tls: TLS = TLS()
+    checkpoint_dir: Optional[str] = None  # asks the scheduler for periodic checkpoints here...
+    checkpoint_every: Optional[float] = None  # ...this often
 
 
 class Turns:
@@ -319,7 +321,9 @@ class Server:
         self._scheduler = conn
         self._register_reply = self.loop.create_future()
         host, port = self.address.rsplit(":", 1)
-        conn.send(MsgType.REGISTER, 0, {"role": "server", "host": host, "port": int(port)})
+        periodic = {"checkpoint_dir": self.config.checkpoint_dir, "checkpoint_every": self.config.checkpoint_every}
+        conn.send(MsgType.REGISTER, 0, {"role": "server", "host": host, "port": int(port),
+                                        **(periodic if all(periodic.values()) else {})})
         reply = await asyncio.wait_for(self._register_reply, self.config.connect_timeout)
         self.server_id = reply["data"]["id"]
         log.info("server %s registered with scheduler %s:%s", self.server_id, *scheduler)

@@ -5,6 +5,9 @@ an interrupted checkpoint that never replaces a good one."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -161,3 +164,23 @@ def test_bad_checkpoint_paths_and_restores_are_refused(tmp_path: Path) -> None:
         np.testing.assert_array_equal(mv.MatrixTable(4, 2, name="m").get(), np.ones((4, 2)))
     with pytest.raises(mv.InvalidArgument, match="restore="):
         mv.init("127.0.0.1:1", restore=str(tmp_path))
+
+
+def test_a_server_started_with_checkpoint_options_brings_periodic_checkpoints(tmp_path: Path) -> None:
+    """The contract's `multiverso-py server --checkpoint-dir D --checkpoint-every S`: the
+    scheduler takes the cut (it alone can pause the workers), as the server asked."""
+    folder = tmp_path / "ckpt"
+    with testing.LocalCluster(workers=1, servers=1) as cluster:
+        extra = subprocess.Popen([sys.executable, "-m", "multiverso_py", "server", "--scheduler", cluster.address,
+                                  "--checkpoint-dir", str(folder), "--checkpoint-every", "0.2"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            with mv.init(cluster.address, timeout=20):
+                table = mv.ArrayTable(8, name="t")
+                table.add(np.ones(8))
+                assert testing.wait_for(lambda: (folder / "LATEST").exists(), 20), cluster.log.getvalue()
+                np.testing.assert_array_equal(checkpoint.load(folder)["t"].values, np.ones(8))
+        finally:
+            extra.kill()
+            extra.communicate()
+    assert os.path.isdir(folder)
