@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from multiverso_py import tables
 from multiverso_py.auth import Auth
+from multiverso_py.buffers import BufferPool
 from multiverso_py.consistency import Kind, Model, TableClock
 from multiverso_py.errors import ErrorCode, MultiversoError, ProtocolError, code_for
 from multiverso_py.flow import FlowControl
@@ -149,6 +150,7 @@ class _Job:
             for partition in self.partitions:
                 if id(partition) in fresh:
                     partition.applied[client] = seq
+            self.server.buffers.release(self.frame.buffers)  # applied: nothing reads them any more
             self.server.turns.leave(self)
 
     def _log_failure(self, exc: Exception, pid: int) -> None:
@@ -188,6 +190,7 @@ class Server:
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="mv-server")
         self.turns = Turns(self._pool)
         self.flow = FlowControl(config.max_in_flight)
+        self.buffers = BufferPool()
         self._listener: Optional[asyncio.base_events.Server] = None
         self._scheduler: Optional[Connection] = None
         self._connections: set[Connection] = set()
@@ -214,8 +217,8 @@ class Server:
         return self.address
 
     def _new_connection(self) -> Connection:
-        conn = Connection(self._on_frame, self._on_close, self.config.limits, accept=True, auth=self.config.auth,
-                          handshake_timeout=self.config.handshake_timeout)
+        conn = Connection(self._on_frame, self._on_close, self.config.limits, self.buffers.allocate, accept=True,
+                          auth=self.config.auth, handshake_timeout=self.config.handshake_timeout)
         self._connections.add(conn)
         return conn
 
