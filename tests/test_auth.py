@@ -106,7 +106,7 @@ def test_a_worker_with_the_token_works_and_others_are_refused(secured: testing.L
         with testing.raw_connection(server, auth=Auth(TOKEN.encode())) as sock:
             sock.sendall(encode_bytes(MsgType.HEARTBEAT, 5))
             assert testing.read_frame(sock, FrameReader()).type is MsgType.REPLY
-    assert "refused connection" in secured.log.getvalue()
+    assert testing.wait_for(lambda: "refused connection" in secured.log.getvalue(), 10)
 
 
 def test_a_peer_that_never_authenticates_is_dropped() -> None:

@@ -331,7 +331,7 @@ def test_a_hung_worker_is_declared_dead_by_heartbeat_and_stops_counting(tmp_path
         finally:
             stop_all(procs)
         assert procs[0].returncode == 0, output + cluster.log.getvalue()
-        assert "worker 1 sent nothing for 1.0s: declared dead" in cluster.log.getvalue()
+        assert testing.wait_for(lambda: "worker 1 sent nothing for 1.0s: declared dead" in cluster.log.getvalue(), 10)
     # worker 1 finished clock 0 only: its one add counts from clock 1 on
     assert saved(tmp_path, "seen", [0])[0] == [[0.0, 0.0], [1.0, 1.0], [2.0, 1.0], [3.0, 1.0]]
 
@@ -387,6 +387,6 @@ def test_a_worker_restarted_with_its_id_rejoins(tmp_path: Path) -> None:
         finally:
             stop_all(procs)
         assert procs[0].returncode == 0 and again.returncode == 0, "\n".join(outputs) + cluster.log.getvalue()
-        assert "worker 1 rejoined the job" in cluster.log.getvalue()
+        assert testing.wait_for(lambda: "worker 1 rejoined the job" in cluster.log.getvalue(), 10)
     # the dead process's 5 adds and the new one's 5 all count: its fresh sequence numbers were not mistaken for old ones
     assert saved(tmp_path, "final", [0, 1]) == {0: [5.0, 10.0], 1: [5.0, 10.0]}
