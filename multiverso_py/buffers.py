@@ -18,8 +18,8 @@ MIN_BYTES = 1 << 20  # smaller buffers come cheap from the allocator's free list
 
 
 class BufferPool:
-    def __init__(self, keep_bytes: int = 256 << 20):
-        self.keep_bytes = keep_bytes  # at most this much is kept for reuse
+    def __init__(self, keep_bytes: int = 64 << 20):
+        self.keep_bytes = keep_bytes  # kept for reuse at most: one 64 MiB push, bounded server memory
         self._free: dict[int, list[np.ndarray]] = {}
         self._lent: set[int] = set()  # ids of the arrays given out: only those come back here
         self._kept = 0
