@@ -155,7 +155,9 @@ class TableData:
     spec: dict
     values: np.ndarray  # the table's content (KV: one row per key, in `keys` order)
     keys: Optional[np.ndarray] = None  # KV tables: the keys, int64
-    state: dict[str, np.ndarray] = field(default_factory=dict)  # updater state, row-aligned with values
+    # updater state, row-aligned with values; state only some partitions hold (a dcasgd
+    # backup of a worker that pulled part of the table) is left out
+    state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def partition_arrays(folder: Path, manifest: dict, name: str) -> dict[int, dict[str, np.ndarray]]:
@@ -180,8 +182,9 @@ def load(root: str) -> dict[str, TableData]:
         parts = partition_arrays(folder, manifest, name)
         ordered = [parts[p] for p in sorted(parts)]
         values = _join([p["data"] for p in ordered])
-        state_names = sorted({k for p in ordered for k in p if k.startswith("state/")})
-        state = {k[len("state/"):]: _join([p[k] for p in ordered if k in p]) for k in state_names}
+        # state every partition holds: joined by partition it lines up with the values
+        state_names = sorted(k for k in ordered[0] if k.startswith("state/") and all(k in p for p in ordered))
+        state = {k[len("state/"):]: _join([p[k] for p in ordered]) for k in state_names}
         keys = _join([p["keys"] for p in ordered]).view(np.int64) if entry["spec"]["kind"] == "kv" else None
         if entry["spec"]["kind"] != "kv":
             values = values.reshape(entry["spec"]["shape"])

@@ -184,3 +184,21 @@ def test_a_server_started_with_checkpoint_options_brings_periodic_checkpoints(tm
             extra.kill()
             extra.communicate()
     assert os.path.isdir(folder)
+
+
+def test_load_keeps_only_state_that_every_partition_holds(tmp_path: Path) -> None:
+    """A dcasgd backup exists only where its worker pulled: joined across partitions it
+    would no longer line up with the values, so load() leaves it out."""
+    folder, _ = checkpoint.new_checkpoint_dir(str(tmp_path))
+    checkpoint.write_tensors(folder / "server0.safetensors", {
+        "t0/p0/data": np.zeros((2, 3), np.float32), "t0/p0/state/v": np.ones((2, 3), np.float32),
+        "t0/p0/state/backup/1": np.ones((2, 3), np.float32),
+        "t0/p1/data": np.ones((2, 3), np.float32), "t0/p1/state/v": np.full((2, 3), 2, np.float32)}, {})
+    spec = {"kind": "matrix", "shape": [4, 3], "dtype": "float32"}
+    checkpoint.publish(folder, {"servers": 1, "workers": 1, "tables": {"m": {
+        "id": 0, "spec": spec, "layout": {"bounds": [0, 2, 4]}, "owners": [0, 0],
+        "files": {"0": "server0.safetensors", "1": "server0.safetensors"}}}})
+    table = checkpoint.load(tmp_path)["m"]
+    np.testing.assert_array_equal(table.values, [[0] * 3, [0] * 3, [1] * 3, [1] * 3])
+    assert set(table.state) == {"v"}
+    np.testing.assert_array_equal(table.state["v"][:, 0], [1, 1, 2, 2])
