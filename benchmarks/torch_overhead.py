@@ -1,14 +1,19 @@
-"""``python -m benchmarks.torch_overhead [--quick]``: what training through the parameter
-server costs a PyTorch model.
+"""``python -m benchmarks.torch_overhead [--quick] [--device cuda] [--workers 1,2,4,8]``: what
+training through the parameter server costs a PyTorch model.
 
 The seed design's CNN (multiverso_py.digits) on scikit-learn's digits, trained with
 Adam: locally with plain torch.optim.Adam, and through PSOptimizer (the servers apply
 Adam, waiting for each step's pull or with overlap=True) with 1 worker and with 2
-workers, each a real job under the launcher. Reports samples/s of the training loop
-(after a warm-up, evaluation excluded), its ratio to the local run (Multiverso measured
-10.8% overhead for its torch binding; the target here is at most 10%), and each run's
-test accuracy. The figures are medians over rounds. Writes
-benchmarks/results/torch_overhead.{json,md,png}.
+workers (or the counts --workers names), each a real job under the launcher. Reports
+samples/s of the training loop (after a warm-up, evaluation excluded), its ratio to the
+local run of the same rounds (Multiverso measured 10.8% overhead for its torch binding;
+the target here is at most 10%), and each run's test accuracy. The figures are medians
+over rounds. Writes benchmarks/results/torch_overhead.{json,md,png}.
+
+--device cuda keeps the model, its gradients and the data on the GPU (every worker of
+a job shares the one device; the servers stay on the CPU, so each step copies the
+gradients to the host and the weights back), trains more epochs (steps are short there,
+and 8 workers get few each) and writes torch_overhead_cuda.{json,md,png} instead.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 from benchmarks import report
 from benchmarks.report import Row
 
-WARMUP_STEPS = 10  # not timed: first-touch allocations, thread start-up
+WARMUP_STEPS = 10  # not timed: first-touch allocations, thread start-up, CUDA kernels' first launches
 
 
 @dataclass(frozen=True)
@@ -40,10 +46,14 @@ class Settings:
     rounds: int = 3
     servers: int = 1
     seed: int = 0
+    device: str = "cpu"
 
 
 FULL = Settings()
 QUICK = replace(FULL, epochs=3, rounds=1)
+# 8 workers share an epoch's 23 minibatches: 20 epochs leave each of them 50 timed steps.
+CUDA_FULL = replace(FULL, epochs=20, device="cuda")
+CUDA_QUICK = replace(CUDA_FULL, epochs=8, rounds=1)
 
 
 @dataclass
@@ -61,7 +71,7 @@ class Trainer:
 
     model: torch.nn.Module
     opt: torch.optim.Optimizer
-    rng: torch.Tensor
+    rng: tuple[torch.Tensor, Optional[torch.Tensor]]  # CPU and (dropout on a GPU) CUDA generator states
     samples: int = 0
     seconds: float = 0.0
     steps: int = 0
@@ -69,30 +79,57 @@ class Trainer:
     def epoch(self, x: torch.Tensor, y: torch.Tensor, settings: Settings, seed: int) -> None:
         from multiverso_py.digits import batches
 
-        torch.set_rng_state(self.rng)
+        set_rng(self.rng)
+        cuda = x.device.type == "cuda"
         start = time.perf_counter()
         for xb, yb in batches(x, y, settings.batch, seed=seed):
             if self.steps == WARMUP_STEPS:  # restart the clock after the warm-up
+                if cuda:
+                    torch.cuda.synchronize()  # the warm-up's queued kernels are not timed
                 start, self.samples, self.seconds = time.perf_counter(), 0, 0.0
             self.opt.zero_grad()
             F.nll_loss(self.model(xb), yb).backward()
             self.opt.step()
             self.samples, self.steps = self.samples + len(xb), self.steps + 1
+        if cuda:
+            torch.cuda.synchronize()  # a local step only queues kernels: time them done
         self.seconds += time.perf_counter() - start
-        self.rng = torch.get_rng_state()
+        self.rng = get_rng(cuda)
+
+
+def get_rng(cuda: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None
+
+
+def set_rng(state: tuple[torch.Tensor, Optional[torch.Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
 
 
 # What each job's workers train, interleaved epoch by epoch so that load from elsewhere
-# hits every setup alike; "local" is plain torch.optim.Adam in the same process.
-JOB_SETUPS = {1: ("local", "exact", "overlap"), 2: ("exact", "overlap")}
+# hits every setup alike; "local" is plain torch.optim.Adam in the 1-worker job's process.
+def job_setups(workers: int) -> tuple[str, ...]:
+    return ("local", "exact", "overlap") if workers == 1 else ("exact", "overlap")
 
-LABELS = {
-    "local": "seed CNN, local torch.optim.Adam",
-    "exact": "PSOptimizer, 1 worker",
-    "overlap": "PSOptimizer, 1 worker, overlap=True",
-    "exact2": "PSOptimizer, 2 workers (total)",
-    "overlap2": "PSOptimizer, 2 workers, overlap=True (total)",
-}
+
+def run_key(setup: str, workers: int) -> str:
+    return setup if workers == 1 else f"{setup}{workers}"
+
+
+def labels(worker_counts: Sequence[int]) -> dict[str, str]:
+    """Result key -> label, in report order: "exact2" is PSOptimizer with 2 workers."""
+    out = {}
+    for n in worker_counts:
+        for setup in job_setups(n):
+            if setup == "local":
+                out["local"] = "seed CNN, local torch.optim.Adam"
+            else:
+                who = "1 worker" if n == 1 else f"{n} workers"
+                total = "" if n == 1 else " (total)"
+                out[run_key(setup, n)] = (f"PSOptimizer, {who}" + (", overlap=True" if setup == "overlap" else "")
+                                          + total)
+    return out
 
 
 def worker(job_dir: Path) -> None:
@@ -103,18 +140,19 @@ def worker(job_dir: Path) -> None:
 
     settings = Settings(**json.loads((job_dir / "settings.json").read_text()))
     torch.set_num_threads(1)
+    device = torch.device(settings.device)
     data = load_digits(settings.seed)
     with mv.init():
         rank, workers = mv.worker_id(), mv.workers_num()
         trainers = {}
-        for setup in JOB_SETUPS[workers]:
+        for setup in job_setups(workers):
             torch.manual_seed(settings.seed)
-            model = DigitsCNN()
+            model = DigitsCNN().to(device)
             opt = (torch.optim.Adam(model.parameters(), lr=settings.lr) if setup == "local" else
                    PSOptimizer(model.parameters(), updater="adam", lr=settings.lr, name=setup,
                                overlap=setup == "overlap"))
-            trainers[setup] = Trainer(model, opt, torch.get_rng_state())
-        x, y = data.shard(rank, workers)
+            trainers[setup] = Trainer(model, opt, get_rng(device.type == "cuda"))
+        x, y = (t.to(device) for t in data.shard(rank, workers))  # the whole shard lives on the device
         mv.barrier()  # start together
         for epoch in range(settings.epochs):
             for trainer in trainers.values():
@@ -125,7 +163,7 @@ def worker(job_dir: Path) -> None:
             if isinstance(trainer.opt, PSOptimizer):
                 trainer.opt.pull()
             result[setup] = {"samples": trainer.samples, "seconds": trainer.seconds,
-                             "accuracy": evaluate(trainer.model, data.x_test, data.y_test)[1]}
+                             "accuracy": evaluate(trainer.model, data.x_test.to(device), data.y_test.to(device))[1]}
         (job_dir / f"worker{rank}.json").write_text(json.dumps(result))
 
 
@@ -141,18 +179,17 @@ def run_job(settings: Settings, workers: int) -> dict[str, Run]:
             raise RuntimeError(f"the {workers}-worker job exited with status {status}")
         results = [json.loads((job_dir / f"worker{i}.json").read_text()) for i in range(workers)]
     runs = {}
-    for setup in JOB_SETUPS[workers]:
+    for setup in job_setups(workers):
         samples = sum(r[setup]["samples"] for r in results)
         seconds = max(r[setup]["seconds"] for r in results)  # a job trains until its slowest worker is done
-        key = setup if workers == 1 else f"{setup}2"
-        runs[key] = Run(samples / seconds, results[0][setup]["accuracy"], samples, seconds)
+        runs[run_key(setup, workers)] = Run(samples / seconds, results[0][setup]["accuracy"], samples, seconds)
     return runs
 
 
-def measure(settings: Settings) -> dict[str, list[Run]]:
-    runs: dict[str, list[Run]] = {key: [] for key in LABELS}
+def measure(settings: Settings, worker_counts: Sequence[int] = (1, 2)) -> dict[str, list[Run]]:
+    runs: dict[str, list[Run]] = {key: [] for key in labels(worker_counts)}
     for r in range(settings.rounds):
-        for workers in (1, 2):
+        for workers in worker_counts:
             for key, run in run_job(settings, workers).items():
                 runs[key].append(run)
         print(f"round {r + 1}/{settings.rounds}: " + ", ".join(
@@ -160,13 +197,15 @@ def measure(settings: Settings) -> dict[str, list[Run]]:
     return runs
 
 
-def rows(runs: dict[str, list[Run]]) -> list[Row]:
+def rows(runs: dict[str, list[Run]], names: dict[str, str]) -> list[Row]:
     local = [r.samples_per_s for r in runs["local"]]
     base = statistics.median(local)
-    out = [Row("local", LABELS["local"], base, "samples/s", "itself", base, samples=local)]
-    for key in ("exact", "overlap", "exact2", "overlap2"):
+    out = [Row("local", names["local"], base, "samples/s", "itself", base, samples=local)]
+    for key in names:
+        if key == "local":
+            continue
         values = [r.samples_per_s for r in runs[key]]
-        out.append(Row(key, LABELS[key], statistics.median(values), "samples/s", "local torch", base,
+        out.append(Row(key, names[key], statistics.median(values), "samples/s", "local torch", base,
                        target=0.9 if key in ("exact", "overlap") else None, samples=values))
     return out
 
@@ -180,6 +219,10 @@ def round_ratios(runs: dict[str, list[Run]], key: str) -> list[float]:
 def notes(settings: Settings, runs: dict[str, list[Run]]) -> list[str]:
     acc = {k: statistics.median(r.accuracy for r in v) for k, v in runs.items()}
     per_round = "; ".join(f"{k} " + "/".join(f"{r.accuracy:.1%}" for r in v) for k, v in runs.items())
+    where = f"{os.cpu_count()} cores shared by workers and servers"
+    if settings.device == "cuda":
+        where = (f"model, gradients and data on {torch.cuda.get_device_name()} (torch {torch.__version__}), one "
+                 f"GPU shared by every worker of a job, the servers on the CPU; " + where)
     return [
         "",
         "1-worker overhead, 1 - PS / local: " + "; ".join(
@@ -191,29 +234,51 @@ def notes(settings: Settings, runs: dict[str, list[Run]]) -> list[str]:
         f" (per round: {per_round}).",
         f"Setup: {settings.epochs} epochs of the 1,438 training images, minibatches of {settings.batch}, Adam lr "
         f"{settings.lr:g} (the servers' adam for PSOptimizer); one torch thread per process; {settings.servers} "
-        f"server process(es); {os.cpu_count()} cores shared by workers and servers. A job's workers train their "
+        f"server process(es); {where}. A job's workers train their "
         "setups interleaved epoch by epoch (local Adam in the 1-worker job's process), so that load from "
         f"elsewhere hits them alike; samples/s counts training steps after {WARMUP_STEPS} warm-up steps; a "
-        "2-worker figure is both workers' samples over the slower one's time.",
+        "multi-worker figure is all workers' samples over the slowest one's time.",
     ]
+
+
+def worker_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected worker counts like 1,2,4,8, got {text!r}") from None
+    if 1 not in counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError("worker counts must be distinct, >= 1 and include 1 (the 1-worker job "
+                                         "also runs the local baseline)")
+    return tuple(sorted(counts))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.torch_overhead", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer epochs and one round")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the model, its gradients and the data live (default cpu)")
+    parser.add_argument("--workers", type=worker_counts, default=(1, 2),
+                        help="comma-separated worker counts, one job each per round (default 1,2)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker)
         return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     torch.set_num_threads(1)  # as every worker: the comparison is per process
-    settings = QUICK if args.quick else FULL
-    runs = measure(settings)
-    table = rows(runs)
+    if args.device == "cuda":
+        settings, name, title = CUDA_QUICK if args.quick else CUDA_FULL, "torch_overhead_cuda", \
+            "PyTorch through the parameter server, CUDA tensors"
+        extra = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    else:
+        settings, name, title = QUICK if args.quick else FULL, "torch_overhead", "PyTorch through the parameter server"
+        extra = {}
+    runs = measure(settings, args.workers)
+    table = rows(runs, labels(args.workers))
     print(report.markdown(table, notes(settings, runs)))
-    report.write_results("torch_overhead", "PyTorch through the parameter server", table, {}, args.quick,
-                         asdict(settings), notes(settings, runs),
-                         extra={"runs": {k: [asdict(r) for r in v] for k, v in runs.items()}})
+    report.write_results(name, title, table, {}, args.quick, asdict(settings), notes(settings, runs),
+                         extra={**extra, "runs": {k: [asdict(r) for r in v] for k, v in runs.items()}})
     return 0
 
 
