@@ -3,7 +3,7 @@ dense table again and again. Reports the aggregate GB/s against the socket strea
 in the same run, and checks that the table ends at its closed form (every element = the
 number of adds of ones it received), so no add was lost or applied twice under load.
 
-Part of ``python -m benchmarks [--quick]``.
+Part of ``python -m benchmarks [--quick]``; benchmarks.scaling runs it over several server counts.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
+from typing import Any
 from multiprocessing.connection import Connection, wait
 
 import numpy as np
@@ -77,7 +80,12 @@ def _worker(env: dict[str, str], sizes: Sizes, conn: Connection, parent: int) ->
         mv.shutdown()
 
 
-def measure(sizes: Sizes) -> list[WorkerReport]:
+# Given the pids by role ("scheduler", "servers", "workers"), a context held while the workers run:
+# lets a caller watch the processes (benchmarks.scaling samples their CPU time).
+Observer = Callable[[dict[str, list[int]]], AbstractContextManager[Any]]
+
+
+def measure(sizes: Sizes, observe: Observer | None = None) -> list[WorkerReport]:
     """Start the cluster and the worker processes; every worker's report."""
     ctx = mp.get_context("spawn")
     with LocalCluster(workers=sizes.workers, servers=sizes.servers, log_level="warning") as cluster:
@@ -86,8 +94,11 @@ def measure(sizes: Sizes) -> list[WorkerReport]:
                  for rank, (_, send) in enumerate(pipes)]
         for proc in procs:
             proc.start()
+        pids = {"scheduler": [cluster.scheduler.pid], "servers": [p.pid for p in cluster.servers],
+                "workers": [p.pid for p in procs if p.pid is not None]}
         try:
-            return [_receive(recv, proc) for (recv, _), proc in zip(pipes, procs)]
+            with observe(pids) if observe else nullcontext():
+                return [_receive(recv, proc) for (recv, _), proc in zip(pipes, procs)]
         finally:
             for proc in procs:
                 proc.join(10.0)
@@ -109,17 +120,23 @@ def aggregate_gbps(reports: list[WorkerReport], sizes: Sizes) -> list[float]:
             for spans in zip(*(r.spans for r in reports))]
 
 
+def final_check(reports: list[WorkerReport], sizes: Sizes) -> dict[str, Any]:
+    """The table's extremes as the workers read them against the closed form; warns on a mismatch."""
+    expected = expected_value(sizes)
+    check: dict[str, Any] = {"expected": expected, "min": min(r.final_min for r in reports),
+                             "max": max(r.final_max for r in reports)}
+    check["ok"] = check["min"] == check["max"] == expected
+    if not check["ok"]:
+        print(f"warning: the concurrently pushed table does not hold its closed form: {check}")
+    return check
+
+
 def run(limits: dict[str, float], quick: bool = False) -> tuple[list[Row], dict]:
     """The row of the report and, for the JSON, the final-value check."""
     sizes = QUICK if quick else FULL
     reports = measure(sizes)
     rates = aggregate_gbps(reports, sizes)
-    expected = expected_value(sizes)
-    check = {"expected": expected, "min": min(r.final_min for r in reports),
-             "max": max(r.final_max for r in reports)}
-    check["ok"] = check["min"] == check["max"] == expected
-    if not check["ok"]:
-        print(f"warning: the concurrently pushed table does not hold its closed form: {check}")
+    check = final_check(reports, sizes)
     row = Row("concurrent_push", f"{sizes.workers} workers x {sizes.servers} servers, each pushing "
               f"{sizes.dense_bytes // MiB} MiB, aggregate", statistics.median(rates), "GB/s", "socket stream",
               limits["socket_stream_gbps"], samples=rates, limit_key="socket_stream_gbps")

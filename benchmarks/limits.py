@@ -15,7 +15,8 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from multiprocessing.connection import Connection
 from typing import Any, TypedDict
 
@@ -140,6 +141,46 @@ def socket_stream_gbps(nbytes: int = 64 * MiB, rounds: int = 3, timeout_s: float
                 return nbytes / _median_s(send_round, rounds) / 1e9
             except TimeoutError:
                 raise LimitTimeout(f"streaming {nbytes} bytes took over {timeout_s:g} s") from None
+
+
+def parallel_socket_stream_gbps(streams: int, nbytes: int = 64 * MiB, rounds: int = 3,
+                                timeout_s: float = 60.0) -> float:
+    """Median aggregate loopback GB/s of `streams` streams at once, as socket_stream_gbps but
+    each from a thread of this process (sendall releases the GIL) to a receiver process of
+    its own: what the machine's cores and memory allow that many receiving processes. Every
+    round starts at a barrier and spans the first start to the last acknowledgement."""
+    payload = np.ones(nbytes, dtype=np.uint8)  # read by every sender
+    barrier = threading.Barrier(streams)
+    spans: list[list[tuple[float, float]]] = [[] for _ in range(streams)]
+    with ExitStack() as stack:
+        ports = [stack.enter_context(_helper(_stream_receiver, nbytes, rounds + 1)) for _ in range(streams)]
+        socks = [stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=timeout_s))
+                 for port in ports]
+
+        def send(i: int) -> None:
+            try:
+                _nodelay(socks[i])
+                for _ in range(rounds + 1):  # the first round warms up
+                    barrier.wait(timeout_s)
+                    start = time.perf_counter()
+                    socks[i].sendall(payload)
+                    if socks[i].recv(1) != b"\x01":
+                        raise RuntimeError("stream receiver closed before acknowledging")
+                    spans[i].append((start, time.perf_counter()))
+            except BaseException:
+                barrier.abort()  # the other senders stop waiting for this one
+                raise
+
+        with ThreadPoolExecutor(streams) as pool:
+            futures = [pool.submit(send, i) for i in range(streams)]
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
+        cause = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), None)  # the first failure
+        if (cause is None and errors) or isinstance(cause, TimeoutError):
+            raise LimitTimeout(f"{streams} parallel streams of {nbytes} bytes took over {timeout_s:g} s")
+        if cause is not None:
+            raise cause
+    return statistics.median([streams * nbytes / (max(e for _, e in r) - min(s for s, _ in r)) / 1e9
+                              for r in list(zip(*spans))[1:]])
 
 
 class _FramedProtocol(asyncio.Protocol):

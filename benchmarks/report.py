@@ -8,7 +8,7 @@ import math
 import os
 import platform
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -160,8 +160,9 @@ def plot(rows: list[Row], path: Path) -> bool:
 
 def write_results(name: str, title: str, rows: list[Row], limits: dict[str, float], quick: bool,
                   sizes: dict[str, Any], notes: Sequence[str] = (), extra: dict[str, Any] | None = None,
-                  out: Path = RESULTS) -> None:
-    """<name>.json (raw numbers and machine), <name>.md (the table) and <name>.png (if possible)."""
+                  out: Path = RESULTS, plot_fn: Callable[[list[Row], Path], bool] = plot) -> None:
+    """<name>.json (raw numbers and machine), <name>.md (the table) and <name>.png (if possible,
+    drawn by plot_fn: by default the ratio bars)."""
     out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     data: dict[str, Any] = {
@@ -174,7 +175,7 @@ def write_results(name: str, title: str, rows: list[Row], limits: dict[str, floa
     }
     (out / f"{name}.json").write_text(json.dumps(_no_nan(data), indent=2, ensure_ascii=False) + "\n")
     (out / f"{name}.md").write_text(f"# {title} ({data['mode']}, {info['date']})\n\n{markdown(rows, notes)}\n")
-    if not plot(rows, out / f"{name}.png"):
+    if not plot_fn(rows, out / f"{name}.png"):
         print(f"note: matplotlib is not installed; skipping benchmarks/results/{name}.png")
 
 

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark suite's newer parts on tiny sizes: the Ray actor peer (when
 ray is installed) leaves no daemon behind, the concurrent push ends at its closed form,
-the memory probe reads peaks, and the comparison rows invert targets for latencies."""
+the scaling run checks every server count, the memory probe reads peaks, and the comparison
+rows invert targets for latencies."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
 
-from benchmarks import concurrent, memory, peers, versus  # noqa: E402
+from benchmarks import concurrent, memory, peers, scaling, versus  # noqa: E402
 from benchmarks.report import Row  # noqa: E402
 
 TINY = peers.PeerSizes(table_rows=1000, cols=4, batch_rows=64, requests=2, rounds=1, dense_bytes=1 << 20,
@@ -85,3 +86,20 @@ def test_versus_rows_divide_by_the_peer_and_invert_latency_targets() -> None:
     assert rows["ray_small_get_p50"].target == pytest.approx(0.1) and rows["ray_small_get_p50"].verdict == "PASS"
     assert rows["ray_dense_push"].ratio == pytest.approx(2.0) and rows["ray_dense_push"].verdict == "PASS"
     assert rows["torch_dense_pull"].verdict == "n/a" and "(skipped)" in rows["torch_dense_pull"].limit_name
+
+
+@pytest.mark.timeout(120)
+def test_scaling_runs_each_server_count_and_checks_the_final_value(tmp_path: Path) -> None:
+    plan = scaling.Plan(servers=(1, 2), workers=2, dense_bytes=1 << 20, pushes=2, rounds=2)
+    rows, extra = scaling.run(plan, {"socket_stream_gbps": 1.0})
+    assert [r.key for r in rows] == ["push_1_servers", "push_2_servers"]
+    assert all(len(r.samples) == plan.rounds and r.value > 0 for r in rows)
+    runs = extra["runs"]
+    assert all(r["final_value"]["ok"] and r["final_value"]["expected"] == 2 * (1 + 2 * 2) for r in runs)
+    assert runs[0]["speedup"] == 1.0 and runs[1]["speedup"] == pytest.approx(rows[1].value / rows[0].value)
+    assert [len(r["cpu"]["servers"]) for r in runs] == [len(r["cpu"]["server_loops"]) for r in runs] == [1, 2]
+    assert all(len(r["cpu"]["workers"]) == 2 for r in runs)
+    scaling.write_results(rows, extra, {"socket_stream_gbps": 1.0, "memcpy_gbps": 1.0}, plan, quick=True,
+                          out=tmp_path)
+    table = (tmp_path / "scaling.md").read_text()
+    assert table.count("10 everywhere") == 2 and "MISMATCH" not in table and (tmp_path / "scaling.json").exists()
