@@ -14,7 +14,7 @@ import numpy as np
 
 from multiverso_py.protocol import MsgType
 
-MIN_BYTES = 1 << 20  # smaller buffers come cheap from the allocator's free lists
+MIN_BYTES = 1 << 16  # smaller buffers come cheap from the allocator's free lists
 
 
 class BufferPool:

@@ -132,6 +132,10 @@ ALLOWED_DTYPES = frozenset(
     {"float16", "float32", "float64", "int8", "int32", "int64", "uint8", "uint64", "bool"}
 )
 
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_INTP_MAX = int(np.iinfo(np.intp).max)
+
 
 @dataclass
 class Frame:
@@ -148,7 +152,7 @@ class Frame:
 
 def describe(array: np.ndarray) -> list:
     """The header descriptor of an array that travels as a buffer: [dtype, shape]."""
-    return [array.dtype.name, list(array.shape)]
+    return [_NAMES.get(array.dtype) or array.dtype.name, list(array.shape)]  # dtype.name is slow
 
 
 def as_buffer(array: np.ndarray) -> memoryview:
@@ -169,10 +173,10 @@ def check_descriptor(desc: Any, nbytes: int, limits: Limits = DEFAULT_LIMITS) ->
         raise ProtocolError(f"array shape must be a list of at most {limits.max_array_dims} ints")
     if not all(type(n) is int and n >= 0 for n in shape):
         raise ProtocolError(f"array shape {shape!r:.80} has a negative or non-int size")
-    dtype = np.dtype(name)
-    if math.prod(n or 1 for n in shape) * dtype.itemsize > np.iinfo(np.intp).max:
+    dtype = _DTYPES[name]
+    if math.prod(n or 1 for n in shape) * dtype.itemsize > _INTP_MAX:
         raise ProtocolError(f"array shape {shape!r:.80} is too big for numpy")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if expected != nbytes:
         raise ProtocolError(f"array {name}{shape} needs {expected} bytes, buffer has {nbytes}")
     return dtype, tuple(shape)

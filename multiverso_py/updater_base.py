@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from multiverso_py.arrayops import put_rows, sum_repeats
+from multiverso_py.arrayops import RepeatSums, put_rows
 from multiverso_py.errors import InvalidArgument
 
 Rows = Union[None, slice, np.ndarray]  # all rows, a span of them, or local row numbers
@@ -111,6 +111,7 @@ class Updater:
         self.lr: Optional[float] = self.config.get(self.lr_option)
         self._state: dict[str, np.ndarray] = {name: np.zeros_like(data) for name in self.value_state}
         self._state.update((name, np.zeros(len(data), np.int64)) for name in self.row_state)
+        self.repeat_sums = RepeatSums()  # partitions serialise their requests: one scratch per shard is enough
 
     def call_lr(self, args: dict) -> Optional[float]:
         """The learning rate of one add: args["lr"] if given, else the table's."""
@@ -129,7 +130,7 @@ class Updater:
             span = slice(None) if rows is None else rows
             self.rule(self.data[span], delta, {k: a[span] for k, a in self._state.items()}, lr, span, args)
             return
-        rows, delta = sum_repeats(rows, delta)
+        rows, delta = self.repeat_sums(rows, delta, len(self.data))
         values = np.take(self.data, rows, axis=0)
         state = {k: np.take(a, rows, axis=0) for k, a in self._state.items()}
         self.rule(values, delta, state, lr, rows, args)

@@ -22,11 +22,10 @@ import numpy as np
 
 from multiverso_py.errors import InvalidArgument
 from multiverso_py.optimizers import DCASGD, FTRL, SGD, AdaGrad, Adam, Momentum
-from multiverso_py.arrayops import add_rows, sum_repeats
+from multiverso_py.arrayops import add_rows
 from multiverso_py.updater_base import Rows, Updater, check_lr
 
-__all__ = ["UPDATERS", "AddUpdater", "Updater", "add_rows", "call_args", "check_updater", "is_additive",
-           "make_updater", "sum_repeats"]
+__all__ = ["UPDATERS", "AddUpdater", "Updater", "call_args", "check_updater", "is_additive", "make_updater"]
 
 
 class AddUpdater(Updater):
@@ -43,7 +42,7 @@ class AddUpdater(Updater):
             target = self.data if rows is None else self.data[rows]
             np.add(target, delta, out=target)
         else:
-            add_rows(self.data, rows, delta)
+            add_rows(self.data, rows, delta, self.repeat_sums)
 
 
 UPDATERS: dict[str, type[Updater]] = {cls.name: cls for cls in (AddUpdater, SGD, Momentum, AdaGrad, Adam, FTRL, DCASGD)}

@@ -31,10 +31,15 @@ def test_add_rows_sums_repeats_like_add_at(values: np.ndarray, row_shape: tuple,
     delta = rng.integers(-9, 9, (len(rows), *row_shape)).astype(dtype)  # integers: sums are exact in any order
     expected = data.copy()
     np.add.at(expected, rows, delta)
-    arrayops.add_rows(data, rows, delta)
+    sums = arrayops.RepeatSums()
+    arrayops.add_rows(data, rows, delta, sums)
     np.testing.assert_array_equal(data, expected)
-    distinct, summed = arrayops.sum_repeats(rows, delta)
-    assert len(distinct) == len(np.unique(rows))
+    distinct, summed = sums(rows, delta, len(data))
+    np.testing.assert_array_equal(np.sort(distinct), np.unique(rows))
+    per_row, summed_per_row = np.zeros_like(data), np.zeros_like(data)
+    np.add.at(per_row, rows, delta)
+    summed_per_row[distinct] = summed  # each row once, holding the sum of its repeats' deltas
+    np.testing.assert_array_equal(summed_per_row, per_row)
 
 
 @settings(max_examples=100, deadline=None)
