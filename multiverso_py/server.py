@@ -1,7 +1,8 @@
 """The server: holds table partitions and applies get/add/set on them.
 
-The event loop only reads, validates and routes frames; table work runs on a thread pool.
-A request runs as one job once it has its turn on every partition it touches, so
+The event loop only reads, validates and routes frames; table work runs on a thread pool
+(multiverso_py.server_jobs). A request runs as one job once it has its turn on every
+partition it touches, so
 operations on one partition run in arrival order while requests on different partitions
 run in parallel. A partition remembers the last sequence number it applied per client,
 so a retried add is applied once. Before that, each table's vector clock (see
@@ -13,11 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from multiverso_py import tables
 from multiverso_py.auth import Auth
@@ -26,8 +25,9 @@ from multiverso_py.consistency import Kind, Model, TableClock
 from multiverso_py.errors import ErrorCode, MultiversoError, ProtocolError, code_for
 from multiverso_py.flow import FlowControl
 from multiverso_py.local import LocalConnection, local_pair
-from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
+from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, unpack_parts
 from multiverso_py.server_checkpoint import SnapshotJob, restore_partitions
+from multiverso_py.server_jobs import Job, Partition, Table, Turns
 from multiverso_py.tables.base import TableSpec
 from multiverso_py.tls import TLS
 from multiverso_py.transport import Connection, open_connection
@@ -51,130 +51,7 @@ class ServerConfig:
     checkpoint_every: Optional[float] = None  # ...this often
 
 
-class Turns:
-    """Gives each job its turn on every partition it touches, in arrival order: a job runs
-    once it is first in line on all of them and leaves every line when done. Jobs join
-    their lines whole, on the event loop, so all lines agree on one order and no two
-    jobs can wait for each other. Jobs on disjoint partitions run in parallel."""
-
-    def __init__(self, pool: ThreadPoolExecutor):
-        self._pool = pool
-        self._lock = threading.Lock()
-
-    def arrive(self, job: "_Job") -> None:
-        with self._lock:
-            job.waiting = len(job.partitions)
-            for partition in job.partitions:
-                partition.line.append(job)
-                if len(partition.line) == 1:
-                    job.waiting -= 1
-            ready = job.waiting == 0
-        if ready:
-            self._pool.submit(job.run)
-
-    def leave(self, job: "_Job") -> None:
-        ready = []
-        with self._lock:
-            for partition in job.partitions:
-                partition.line.popleft()
-                if partition.line:
-                    successor = partition.line[0]
-                    successor.waiting -= 1
-                    if successor.waiting == 0:
-                        ready.append(successor)
-        for successor in ready:
-            self._pool.submit(successor.run)
-
-
-@dataclass
-class Partition:
-    shard: Any
-    line: deque = field(default_factory=deque)  # jobs waiting for their turn here, the running one first
-    applied: dict[int, int] = field(default_factory=dict)  # client id -> last applied seq
-
-
-@dataclass
-class Table:
-    spec: TableSpec
-    map_version: int
-    partitions: dict[int, Partition]
-    clock: TableClock
-
-
 _KINDS = {MsgType.GET: Kind.GET, MsgType.ADD: Kind.ADD, MsgType.SET: Kind.SET}
-
-
-class _Job:
-    """One table request, run on the pool once it has its turn on all its partitions.
-
-    Its parts run in message order. An add or set already applied to a partition (same
-    client, sequence number not newer) is skipped there: a retry applies once. A get
-    replies with views of the partitions, not copies, and keeps its turn until the
-    reply has been handed to the kernel, so no add changes the data on its way out."""
-
-    def __init__(self, server: "Server", conn: Connection, frame: Frame, parts: list, partitions: list[Partition]):
-        self.server, self.conn, self.frame = server, conn, frame
-        self.parts = parts  # (pid, partition, args, arrays)
-        self.partitions = partitions  # each once
-        self.waiting = 0
-        self.results: list[Any] = []
-        self.error: Optional[BaseException] = None
-        self.acknowledged = False  # a held add is acknowledged when held, not when applied
-
-    def acknowledge(self) -> None:
-        parts, _ = pack_parts([(pid, {}, []) for pid, _, _, _ in self.parts])
-        self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts})
-        self.acknowledged = True
-        self.server.flow.finished(self.conn)  # held adds wait for clocks, which must still get through
-
-    def run(self) -> None:
-        op, body = self.frame.type, self.frame.body
-        client, seq = body["client"], body["seq"]
-        fresh = {id(p) for p in self.partitions if op is MsgType.GET or seq > p.applied.get(client, -1)}
-        try:
-            for pid, partition, args, arrays in self.parts:
-                if id(partition) not in fresh:
-                    self.results.append((pid, {}, []))
-                elif op is MsgType.GET:
-                    self.results.append((pid, *partition.shard.get(args, arrays)))
-                else:
-                    apply = partition.shard.add if op is MsgType.ADD else partition.shard.set
-                    self.results.append((pid, *apply(args, arrays)))
-        except Exception as exc:  # reported to the caller as an ERROR reply
-            self._log_failure(exc, pid)
-            self.error = exc
-        # Queue the reply before giving up the turn: a later request on these partitions
-        # must not be answered before this one.
-        self.server.loop.call_soon_threadsafe(self.reply)
-        if op is not MsgType.GET:
-            for partition in self.partitions:
-                if id(partition) in fresh:
-                    partition.applied[client] = seq
-            self.server.buffers.release(self.frame.buffers)  # applied: nothing reads them any more
-            self.server.turns.leave(self)
-
-    def _log_failure(self, exc: Exception, pid: int) -> None:
-        what = f"{self.frame.type.name} on table {self.frame.body['table']} partition {pid}"
-        if isinstance(exc, (MultiversoError, ValueError, IndexError)):
-            log.warning("bad %s from %s: %s", what, self.conn.peer, exc)
-        else:
-            log.exception("%s failed", what)
-
-    def reply(self) -> None:
-        if self.acknowledged:
-            return  # a failure was logged; the worker, told of success already, has moved on
-        self.server.flow.finished(self.conn)
-        if self.error is None:
-            try:
-                parts, buffers = pack_parts(self.results)
-                self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts}, buffers)
-            except ProtocolError as exc:  # a reply over the frame limit: say so, and free the turn
-                log.warning("cannot reply to %s from %s: %s", self.frame.type.name, self.conn.peer, exc)
-                self.error = exc
-        if self.error is not None:
-            self.conn.send_error(self.frame.req_id, code_for(self.error), str(self.error))
-        if self.frame.type is MsgType.GET:
-            self.server.after_flush(self.conn, lambda: self.server.turns.leave(self))
 
 
 class Server:
@@ -266,7 +143,7 @@ class Server:
             args["w"] = body["client"]  # shards that keep per-worker state learn the worker here, not from the client
         job_parts = [(pid, table.partitions[pid], args, arrays) for pid, args, arrays in parts]
         partitions = list({id(p): p for _, p, _, _ in job_parts}.values())
-        job = _Job(self, conn, frame, job_parts, partitions)
+        job = Job(self, conn, frame, job_parts, partitions)
         try:
             now = table.clock.admit(body["client"], _KINDS[frame.type], lambda: self.turns.arrive(job), job)
         except MultiversoError as exc:

@@ -1,0 +1,146 @@
+"""What a server runs for each table request: the partitions it touches, the turns that
+serialise requests per partition, and the job that applies a request on the thread pool
+and replies from the event loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from multiverso_py.consistency import TableClock
+from multiverso_py.errors import MultiversoError, ProtocolError, code_for
+from multiverso_py.protocol import Frame, MsgType, pack_parts
+from multiverso_py.tables.base import TableSpec
+from multiverso_py.transport import Connection
+
+if TYPE_CHECKING:
+    from multiverso_py.server import Server
+
+log = logging.getLogger(__name__)
+
+
+class Turns:
+    """Gives each job its turn on every partition it touches, in arrival order: a job runs
+    once it is first in line on all of them and leaves every line when done. Jobs join
+    their lines whole, on the event loop, so all lines agree on one order and no two
+    jobs can wait for each other. Jobs on disjoint partitions run in parallel."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self._pool = pool
+        self._lock = threading.Lock()
+
+    def arrive(self, job: "Job") -> None:
+        with self._lock:
+            job.waiting = len(job.partitions)
+            for partition in job.partitions:
+                partition.line.append(job)
+                if len(partition.line) == 1:
+                    job.waiting -= 1
+            ready = job.waiting == 0
+        if ready:
+            self._pool.submit(job.run)
+
+    def leave(self, job: "Job") -> None:
+        ready = []
+        with self._lock:
+            for partition in job.partitions:
+                partition.line.popleft()
+                if partition.line:
+                    successor = partition.line[0]
+                    successor.waiting -= 1
+                    if successor.waiting == 0:
+                        ready.append(successor)
+        for successor in ready:
+            self._pool.submit(successor.run)
+
+
+@dataclass
+class Partition:
+    shard: Any
+    line: deque = field(default_factory=deque)  # jobs waiting for their turn here, the running one first
+    applied: dict[int, int] = field(default_factory=dict)  # client id -> last applied seq
+
+
+@dataclass
+class Table:
+    spec: TableSpec
+    map_version: int
+    partitions: dict[int, Partition]
+    clock: TableClock
+
+
+class Job:
+    """One table request, run on the pool once it has its turn on all its partitions.
+
+    Its parts run in message order. An add or set already applied to a partition (same
+    client, sequence number not newer) is skipped there: a retry applies once. A get
+    replies with views of the partitions, not copies, and keeps its turn until the
+    reply has been handed to the kernel, so no add changes the data on its way out."""
+
+    def __init__(self, server: "Server", conn: Connection, frame: Frame, parts: list, partitions: list[Partition]):
+        self.server, self.conn, self.frame = server, conn, frame
+        self.parts = parts  # (pid, partition, args, arrays)
+        self.partitions = partitions  # each once
+        self.waiting = 0
+        self.results: list[Any] = []
+        self.error: Optional[BaseException] = None
+        self.acknowledged = False  # a held add is acknowledged when held, not when applied
+
+    def acknowledge(self) -> None:
+        parts, _ = pack_parts([(pid, {}, []) for pid, _, _, _ in self.parts])
+        self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts})
+        self.acknowledged = True
+        self.server.flow.finished(self.conn)  # held adds wait for clocks, which must still get through
+
+    def run(self) -> None:
+        op, body = self.frame.type, self.frame.body
+        client, seq = body["client"], body["seq"]
+        fresh = {id(p) for p in self.partitions if op is MsgType.GET or seq > p.applied.get(client, -1)}
+        try:
+            for pid, partition, args, arrays in self.parts:
+                if id(partition) not in fresh:
+                    self.results.append((pid, {}, []))
+                elif op is MsgType.GET:
+                    self.results.append((pid, *partition.shard.get(args, arrays)))
+                else:
+                    apply = partition.shard.add if op is MsgType.ADD else partition.shard.set
+                    self.results.append((pid, *apply(args, arrays)))
+        except Exception as exc:  # reported to the caller as an ERROR reply
+            self._log_failure(exc, pid)
+            self.error = exc
+        # Queue the reply before giving up the turn: a later request on these partitions
+        # must not be answered before this one.
+        self.server.loop.call_soon_threadsafe(self.reply)
+        if op is not MsgType.GET:
+            for partition in self.partitions:
+                if id(partition) in fresh:
+                    partition.applied[client] = seq
+            self.server.buffers.release(self.frame.buffers)  # applied: nothing reads them any more
+            self.server.turns.leave(self)
+
+    def _log_failure(self, exc: Exception, pid: int) -> None:
+        what = f"{self.frame.type.name} on table {self.frame.body['table']} partition {pid}"
+        if isinstance(exc, (MultiversoError, ValueError, IndexError)):
+            log.warning("bad %s from %s: %s", what, self.conn.peer, exc)
+        else:
+            log.exception("%s failed", what)
+
+    def reply(self) -> None:
+        if self.acknowledged:
+            return  # a failure was logged; the worker, told of success already, has moved on
+        self.server.flow.finished(self.conn)
+        if self.error is None:
+            try:
+                parts, buffers = pack_parts(self.results)
+                self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts}, buffers)
+            except ProtocolError as exc:  # a reply over the frame limit: say so, and free the turn
+                log.warning("cannot reply to %s from %s: %s", self.frame.type.name, self.conn.peer, exc)
+                self.error = exc
+        if self.error is not None:
+            self.conn.send_error(self.frame.req_id, code_for(self.error), str(self.error))
+        if self.frame.type is MsgType.GET:
+            self.server.after_flush(self.conn, lambda: self.server.turns.leave(self))
