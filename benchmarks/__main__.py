@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for peer, samples in measured.items():
         if samples is not None:
             _print_figures(f"{peer.name} (medians; latencies: p50 and p99)", peers.figures(samples))
-    _print_table("dense and small ops", dense_rows, [dense.QUICK_NOTE] if quick else [], quick)
+    _print_table("dense and small ops", dense_rows, dense.notes(quick), quick)
     _print_table("sparse, KV and small adds", sparse_rows, sparse.notes(sparse_extra, quick), quick)
     _print_table("concurrent push", concurrent_rows, concurrent.notes(concurrent_extra, quick), quick)
     if memory_rows:

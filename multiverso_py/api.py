@@ -82,7 +82,8 @@ def init(scheduler: Optional[str] = None, *, timeout: Optional[float] = None, co
         # an embedded job never leaves this machine (its worker reaches its server in-process): no TLS
         tls = load_tls().connect if target is not None else None
         io = LoopThread()
-        client = Client(io, ClientConfig(timeout=timeout, auth=auth, tls=tls))
+        shared_memory = os.environ.get("MV_SHARED_MEMORY", "1") != "0"  # 0: every array on the socket
+        client = Client(io, ClientConfig(timeout=timeout, auth=auth, tls=tls, shared_memory=shared_memory))
         embedded = None
         try:
             if target is None:

@@ -24,11 +24,11 @@ import numpy as np
 from multiverso_py.acks import AddTracker
 from multiverso_py.auth import Auth
 from multiverso_py.batching import BATCH_BYTES, Batch, OpenBatches, chunk_messages, merge_adds, part_bytes, split_large
-from multiverso_py.consistency import wait_hint
 from multiverso_py.control import ControlRequests, SendGate, heartbeat
-from multiverso_py.errors import ConnectionLost, MultiversoError, RequestTimeout, exception_for
+from multiverso_py.errors import ConnectionLost, MultiversoError, exception_for
 from multiverso_py.interruptions import Interruptions
-from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, pack_parts, unpack_parts
+from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, described_lengths, pack_parts, unpack_parts
+from multiverso_py.shm import Segment, WorkerLinks, views
 from multiverso_py.tables.base import OnReply, Part, TableInfo, TableSpec
 from multiverso_py.transport import Connection, LoopThread, open_connection
 from multiverso_py.updaters import is_additive
@@ -66,6 +66,7 @@ class _Pending:
     deadline: float
     seq: int  # kept: a message resent to a replaced server must be recognised as the same one
     dest: Optional[list[memoryview]] = None
+    segment: Optional[Segment] = None  # shared memory lent to the server for this message
 
 
 @dataclass
@@ -74,6 +75,7 @@ class ClientConfig:
     limits: Limits = DEFAULT_LIMITS
     auth: Optional[Auth] = None  # the job's token, when it has one
     tls: Optional[ssl.SSLContext] = None  # verifies the scheduler's and servers' certificates
+    shared_memory: bool = True  # large arrays to and from servers on this host go through shared memory
 
 
 class Client(Interruptions):
@@ -101,6 +103,7 @@ class Client(Interruptions):
         self._leaving = False
         self._gate = SendGate()
         self._recovery = False  # the job replaces dead servers: wait for them instead of failing
+        self.shared_memory = WorkerLinks(config.shared_memory)
 
     # ------------------------------------------------------------ life cycle (any thread)
     def start(self, scheduler: tuple[str, int], rank: Optional[int] = None, local: Optional[Any] = None) -> None:
@@ -194,6 +197,7 @@ class Client(Interruptions):
                 self._conns[sid] = local.connect_local(self._on_frame, self._on_close)
             else:
                 self._conns[sid] = await open_connection(host, port, self._connection, self.timeout, self.config.tls)
+                await self._probe_shared_memory(sid)
             self._conns[sid].context = sid
         loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self._sweep())
@@ -212,6 +216,13 @@ class Client(Interruptions):
             for conn in [*self._conns.values(), self._scheduler]:
                 if conn is not None:
                     conn.close()
+            self.shared_memory.close()
+
+    async def _probe_shared_memory(self, sid: int) -> None:
+        conn = self._conns[sid]
+        if await self.shared_memory.probe(sid, lambda body: self._control.ask(
+                conn, f"server {sid}", MsgType.SHM_PROBE, body, "probing shared memory")):
+            log.debug("server %s maps this worker's shared memory", sid)
 
     def _connection(self) -> Connection:
         return Connection(self._on_frame, self._on_close, self.config.limits, self._allocate, auth=self.config.auth)
@@ -256,12 +267,16 @@ class Client(Interruptions):
         if all(p.dest is not None for p in parts):
             dest = [d for p in parts for d in p.dest]
         seq = next(self._seq) if seq is None else seq
-        self._pending[req_id] = _Pending(call, sid, parts, time.monotonic() + self.timeout, seq, dest)
         body_parts, buffers = pack_parts([(p.pid, p.args, p.arrays) for p in parts])
         body = {"table": info.table_id, "client": self.worker_id, "seq": seq,
                 "map": info.map_version, "parts": body_parts}
         info.stats.requests += 1
         info.stats.bytes_sent += sum(b.nbytes for b in buffers)
+        segment = self.shared_memory.lend(sid, call.name, parts, buffers)
+        if segment is not None:
+            body["shm"] = segment.wire()  # a get's reply goes there; an add's arrays are there already
+            buffers = buffers if call.name == "get" else []
+        self._pending[req_id] = _Pending(call, sid, parts, time.monotonic() + self.timeout, seq, dest, segment)
         conn.send(_OPS[call.name], req_id, body, buffers)
 
     def _complete(self, call: _Op) -> None:
@@ -297,6 +312,13 @@ class Client(Interruptions):
             if frame.type is MsgType.ERROR:
                 log.warning("error from %s: %s", conn.peer, frame.body["message"])
             return  # a reply that arrived after its request timed out
+        try:
+            self._answered(pending, frame)
+        finally:
+            if pending.segment is not None:
+                self.shared_memory.give_back(pending.segment)
+
+    def _answered(self, pending: _Pending, frame: Frame) -> None:
         call = pending.op
         if frame.type is MsgType.ERROR:
             self._fail(call, exception_for(frame.body["code"], f"{self._where(pending)}: {frame.body['message']}"))
@@ -317,6 +339,8 @@ class Client(Interruptions):
         return f"{call.name} on table {call.info.name!r} at server {pending.server} ({self.servers[pending.server]})"
 
     def _merge(self, pending: _Pending, frame: Frame) -> None:
+        if pending.segment is not None and not frame.buffers and frame.body.get("shm"):
+            frame.buffers = views(pending.segment.buf, described_lengths(frame.body, self.config.limits))
         replies = unpack_parts(frame.body, frame.buffers, self.config.limits)
         if len(replies) != len(pending.parts):
             raise MultiversoError(f"{len(replies)} parts in the reply, {len(pending.parts)} requested")
@@ -350,41 +374,3 @@ class Client(Interruptions):
     def _fail(self, call: _Op, exc: BaseException) -> None:
         if not call.future.done():
             call.future.set_exception(exc)
-
-    def _on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
-        self._control.connection_closed(conn)
-        if conn is self._scheduler:
-            if not self._leaving:
-                log.error("lost the connection to the scheduler")
-            return
-        sid = conn.context
-        if self._recovery and not self._leaving:
-            self._gate.down.add(sid)  # its requests wait (within their deadlines) for a replacement
-            log.warning("lost server %s; waiting for its replacement", sid)
-            return
-        for req_id, pending in list(self._pending.items()):
-            if pending.server == sid:
-                del self._pending[req_id]
-                call = pending.op
-                self._fail(call, ConnectionLost(
-                    f"{call.name} on table {call.info.name!r}: connection to server {sid} "
-                    f"({self.servers.get(sid, '?')}) lost"))
-        if not self._leaving:
-            log.error("lost the connection to server %s", sid)
-
-    async def _sweep(self) -> None:
-        """Fail requests past their deadline (pending is in deadline order)."""
-        interval = min(0.1, self.timeout / 10)
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for req_id, pending in list(self._pending.items()):
-                if pending.deadline > now:
-                    break
-                del self._pending[req_id]
-                call = pending.op
-                self._fail(call, RequestTimeout(
-                    f"{call.name} on table {call.info.name!r}: no reply from server {pending.server} "
-                    f"({self.servers[pending.server]}) within {self.timeout}s{wait_hint(call.name, call.info.spec.consistency)}"))
-
-

@@ -63,6 +63,7 @@ class MsgType(enum.IntEnum):
     SERVER_MOVED = 37  # scheduler -> workers: a lost server's replacement is at this address
     WORKER_JOINED = 38  # scheduler -> servers: a worker that was lost rejoined (a restart with its id)
     SERVER_LOST = 39  # scheduler -> workers: a server stopped answering; drop the connection to it
+    SHM_PROBE = 40  # worker -> server: can you map my shared memory? (same host; see multiverso_py.shm)
 
 
 TABLE_OPS = frozenset({MsgType.GET, MsgType.ADD, MsgType.SET})
@@ -77,12 +78,13 @@ _TABLE_OP: _Schema = {
     "map": (_INT, True),
     "parts": ((list,), True),
     "opts": ((dict,), False),
+    "shm": ((list,), False),  # [segment, bytes]: arrays travel in the worker's shared memory
 }
 SCHEMAS: dict[MsgType, _Schema] = {
     MsgType.GET: _TABLE_OP,
     MsgType.ADD: _TABLE_OP,
     MsgType.SET: _TABLE_OP,
-    MsgType.REPLY: {"parts": ((list,), False), "data": ((object,), False)},
+    MsgType.REPLY: {"parts": ((list,), False), "data": ((object,), False), "shm": ((bool,), False)},
     MsgType.ERROR: {"code": (_INT, True), "message": ((str,), True)},
     MsgType.MOVED: {"map": (_INT, True)},
     MsgType.REGISTER: {
@@ -120,6 +122,7 @@ SCHEMAS: dict[MsgType, _Schema] = {
     MsgType.SERVER_MOVED: {"server": (_INT, True), "host": ((str,), True), "port": (_INT, True)},
     MsgType.WORKER_JOINED: {"worker": (_INT, True)},
     MsgType.SERVER_LOST: {"server": (_INT, True)},
+    MsgType.SHM_PROBE: {"name": ((str,), True), "size": (_INT, True), "token": ((bytes,), True)},
 }
 # A part of a table operation or of its reply: one partition's slice of the request.
 _PART_SCHEMA: _Schema = {
@@ -162,8 +165,8 @@ def as_buffer(array: np.ndarray) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))
 
 
-def check_descriptor(desc: Any, nbytes: int, limits: Limits = DEFAULT_LIMITS) -> tuple[np.dtype, tuple]:
-    """Validate an array descriptor against the size of the buffer that carries it."""
+def parse_descriptor(desc: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[np.dtype, tuple, int]:
+    """Validate an array descriptor: (dtype, shape, bytes the array takes)."""
     if not (isinstance(desc, list) and len(desc) == 2):
         raise ProtocolError(f"array descriptor must be [dtype, shape], got {desc!r:.80}")
     name, shape = desc
@@ -176,10 +179,27 @@ def check_descriptor(desc: Any, nbytes: int, limits: Limits = DEFAULT_LIMITS) ->
     dtype = _DTYPES[name]
     if math.prod(n or 1 for n in shape) * dtype.itemsize > _INTP_MAX:
         raise ProtocolError(f"array shape {shape!r:.80} is too big for numpy")
-    expected = math.prod(shape) * dtype.itemsize
+    return dtype, tuple(shape), math.prod(shape) * dtype.itemsize
+
+
+def check_descriptor(desc: Any, nbytes: int, limits: Limits = DEFAULT_LIMITS) -> tuple[np.dtype, tuple]:
+    """Validate an array descriptor against the size of the buffer that carries it."""
+    dtype, shape, expected = parse_descriptor(desc, limits)
     if expected != nbytes:
-        raise ProtocolError(f"array {name}{shape} needs {expected} bytes, buffer has {nbytes}")
-    return dtype, tuple(shape)
+        raise ProtocolError(f"array {desc[0]}{list(shape)} needs {expected} bytes, buffer has {nbytes}")
+    return dtype, shape
+
+
+def described_lengths(body: dict, limits: Limits = DEFAULT_LIMITS) -> list[int]:
+    """The bytes of every array a message's parts describe, in order: where the arrays do
+    not travel in the frame (see multiverso_py.shm)."""
+    lengths = []
+    for part in body.get("parts") or []:
+        _check_fields(part, _PART_SCHEMA, "part")
+        lengths.extend(parse_descriptor(desc, limits)[2] for desc in part.get("arrays", ()))
+    if len(lengths) > limits.max_buffers:
+        raise ProtocolError(f"{len(lengths)} arrays exceed the limit of {limits.max_buffers}")
+    return lengths
 
 
 def unpack_parts(body: dict, buffers: Sequence[memoryview], limits: Limits = DEFAULT_LIMITS) -> list[tuple[int, dict, list[np.ndarray]]]:

@@ -18,14 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from multiverso_py import tables
+from multiverso_py import shm, tables
 from multiverso_py.auth import Auth
 from multiverso_py.buffers import BufferPool
 from multiverso_py.consistency import Kind, Model, TableClock
 from multiverso_py.errors import ErrorCode, MultiversoError, ProtocolError, code_for
 from multiverso_py.flow import FlowControl
 from multiverso_py.local import LocalConnection, local_pair
-from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, unpack_parts
+from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, described_lengths, unpack_parts
 from multiverso_py.server_checkpoint import SnapshotJob, restore_partitions
 from multiverso_py.server_jobs import Job, Partition, Table, Turns
 from multiverso_py.tables.base import TableSpec
@@ -71,6 +71,7 @@ class Server:
         self._listener: Optional[asyncio.base_events.Server] = None
         self._scheduler: Optional[Connection] = None
         self._connections: set[Connection] = set()
+        self._shm: dict[Connection, shm.ServerLinks] = {}  # workers' segments mapped, per connection
         self._closed: Optional[asyncio.Event] = None
         self._register_reply: Optional[asyncio.Future] = None
         self._clocks: dict[int, int] = {}  # worker -> clocks it finished; new tables start from these
@@ -80,6 +81,8 @@ class Server:
             MsgType.ADD: self._table_op,
             MsgType.SET: self._table_op,
             MsgType.CLOCK: self._clock,
+            MsgType.SHM_PROBE: lambda conn, frame: conn.send(MsgType.REPLY, frame.req_id,
+                                                             {"data": shm.probe_answer(frame.body)}),
             MsgType.HEARTBEAT: lambda conn, frame: conn.send(MsgType.REPLY, frame.req_id),
         }
 
@@ -102,6 +105,15 @@ class Server:
     def _on_close(self, conn: Connection, exc: Optional[BaseException]) -> None:
         self._connections.discard(conn)
         self.flow.forget(conn)
+        links = self._shm.pop(conn, None)
+        if links is not None:
+            links.close()
+
+    def _shm_links(self, conn: Connection) -> shm.ServerLinks:
+        links = self._shm.get(conn)
+        if links is None:
+            links = self._shm[conn] = shm.ServerLinks()
+        return links
 
     def connect_local(self, on_frame: Callable, on_close: Callable) -> LocalConnection:
         """A connection from a worker in this process (the embedded job), on this loop: no
@@ -127,8 +139,16 @@ class Server:
             log.warning("%s from %s names unknown table %s", frame.type.name, conn.peer, body["table"])
             conn.send_error(frame.req_id, ErrorCode.UNKNOWN_TABLE, f"server {self.server_id} has no table {body['table']}")
             return
+        segment = None
         try:
-            parts = unpack_parts(body, frame.buffers, self.config.limits)
+            buffers = frame.buffers
+            if "shm" in body:  # the arrays are in the worker's shared memory (see multiverso_py.shm)
+                segment = self._shm_links(conn).segment(body["shm"])
+                if frame.type is not MsgType.GET:  # a get's row ids still travel in the frame
+                    if buffers:
+                        raise ProtocolError(f"a {frame.type.name} in shared memory carries no buffers")
+                    buffers = shm.views(segment, described_lengths(body, self.config.limits))
+            parts = unpack_parts(body, buffers, self.config.limits)
         except ProtocolError as exc:
             log.warning("bad %s from %s: %s", frame.type.name, conn.peer, exc)
             conn.send_error(frame.req_id, ErrorCode.BAD_REQUEST, str(exc))
@@ -143,7 +163,7 @@ class Server:
             args["w"] = body["client"]  # shards that keep per-worker state learn the worker here, not from the client
         job_parts = [(pid, table.partitions[pid], args, arrays) for pid, args, arrays in parts]
         partitions = list({id(p): p for _, p, _, _ in job_parts}.values())
-        job = Job(self, conn, frame, job_parts, partitions)
+        job = Job(self, conn, frame, job_parts, partitions, segment if frame.type is MsgType.GET else None)
         try:
             now = table.clock.admit(body["client"], _KINDS[frame.type], lambda: self.turns.arrive(job), job)
         except MultiversoError as exc:
@@ -153,6 +173,8 @@ class Server:
         if now:
             self.turns.arrive(job)
         elif frame.type is MsgType.ADD:
+            if segment is not None:
+                job.own_arrays()  # the worker reuses its segment once acknowledged
             job.acknowledge()  # so that flushes and barriers never wait for other workers' clocks
 
     def _clock(self, conn: Connection, frame: Frame) -> None:

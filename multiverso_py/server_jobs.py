@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+from multiverso_py import shm
 from multiverso_py.consistency import TableClock
 from multiverso_py.errors import MultiversoError, ProtocolError, code_for
 from multiverso_py.protocol import Frame, MsgType, pack_parts
@@ -81,14 +82,22 @@ class Job:
     replies with views of the partitions, not copies, and keeps its turn until the
     reply has been handed to the kernel, so no add changes the data on its way out."""
 
-    def __init__(self, server: "Server", conn: Connection, frame: Frame, parts: list, partitions: list[Partition]):
+    def __init__(self, server: "Server", conn: Connection, frame: Frame, parts: list, partitions: list[Partition],
+                 segment: Optional[memoryview] = None):
         self.server, self.conn, self.frame = server, conn, frame
+        self.segment = segment  # a get's reply goes into the worker's shared memory when it fits
+        self.in_segment = False
         self.parts = parts  # (pid, partition, args, arrays)
         self.partitions = partitions  # each once
         self.waiting = 0
         self.results: list[Any] = []
         self.error: Optional[BaseException] = None
         self.acknowledged = False  # a held add is acknowledged when held, not when applied
+
+    def own_arrays(self) -> None:
+        """Copy the request's arrays out of the worker's shared memory, which it may reuse
+        once this request is acknowledged."""
+        self.parts = [(pid, partition, args, [a.copy() for a in arrays]) for pid, partition, args, arrays in self.parts]
 
     def acknowledge(self) -> None:
         parts, _ = pack_parts([(pid, {}, []) for pid, _, _, _ in self.parts])
@@ -112,6 +121,10 @@ class Job:
         except Exception as exc:  # reported to the caller as an ERROR reply
             self._log_failure(exc, pid)
             self.error = exc
+        if self.segment is not None and self.error is None:
+            placed = shm.place(self.segment, self.results)
+            self.in_segment = placed is not None
+            self.results = placed or self.results
         # Queue the reply before giving up the turn: a later request on these partitions
         # must not be answered before this one.
         self.server.loop.call_soon_threadsafe(self.reply)
@@ -136,7 +149,10 @@ class Job:
         if self.error is None:
             try:
                 parts, buffers = pack_parts(self.results)
-                self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts}, buffers)
+                if self.in_segment:
+                    self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts, "shm": True})
+                else:
+                    self.conn.send(MsgType.REPLY, self.frame.req_id, {"parts": parts}, buffers)
             except ProtocolError as exc:  # a reply over the frame limit: say so, and free the turn
                 log.warning("cannot reply to %s from %s: %s", self.frame.type.name, self.conn.peer, exc)
                 self.error = exc

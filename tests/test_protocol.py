@@ -174,6 +174,7 @@ def field_strategy(types: tuple[type, ...]) -> st.SearchStrategy[Any]:
         dict: st.dictionaries(st.text(max_size=6), values, max_size=4),
         bytes: st.binary(max_size=40),
         float: st.floats(allow_nan=False),
+        bool: st.booleans(),
     }
     return st.one_of([by_type[t] for t in types])
 
@@ -261,7 +262,7 @@ def check_frame(frame: Frame, msg: Msg) -> None:
 
 def minimal_body(msg_type: MsgType) -> dict:
     """A body with just the required fields, each with a plain valid value."""
-    plain = {int: 1, str: "x", list: [], dict: {}, bytes: b"x", float: 1.5, object: None}
+    plain = {int: 1, str: "x", list: [], dict: {}, bytes: b"x", float: 1.5, bool: True, object: None}
     return {k: plain[types[0]] for k, (types, req) in SCHEMAS[msg_type].items() if req}
 
 
@@ -744,6 +745,7 @@ _WRONG = {
     dict: [[], "x", 1, None, True],
     bytes: ["x", 1, None, [1], True],
     float: ["1", None, [1], True, b""],
+    bool: [1, "x", None, [1], b""],
 }
 _TYPED = [
     (t, k, bad)

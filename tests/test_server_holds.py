@@ -111,7 +111,8 @@ def test_a_reader_that_never_reads_is_dropped_and_frees_the_partition():
         stalled.close()
 
 
-def test_a_reply_over_the_frame_limit_is_an_error_and_frees_the_partition():
+def test_a_reply_over_the_frame_limit_is_an_error_and_frees_the_partition(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MV_SHARED_MEMORY", "0")  # in shared memory the reply would not be a frame at all
     with in_process_job(ServerConfig(limits=Limits(max_frame_bytes=3 << 20))):  # 3 MiB frames, both ways
         table = mv.ArrayTable(1 << 20, name="too_big")  # 4 MiB: a whole get is one 4 MiB reply
         with pytest.raises(mv.ProtocolError, match="exceeds"):

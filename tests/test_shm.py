@@ -1,0 +1,245 @@
+"""Same-host transfers through shared memory (multiverso_py.shm): the pieces on their own,
+then real jobs whose large arrays go through the workers' segments, checked against the
+socket path, a held add whose segment the worker reuses, a worker killed with kill -9,
+and servers fed bad segment references."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import multiverso_py as mv
+from multiverso_py import shm, testing
+from multiverso_py.errors import ErrorCode, ProtocolError
+from multiverso_py.framing import FrameReader, encode_bytes
+from multiverso_py.protocol import MsgType
+from multiverso_py.tables.base import Part
+from multiverso_py.testing import LocalCluster
+
+MiB = 1 << 20
+IO_TIMEOUT = 10.0
+
+
+def segment_exists(name: str) -> bool:
+    links = shm.ServerLinks()
+    try:
+        links.segment([name, 1])
+        return True
+    except ProtocolError:
+        return False
+    finally:
+        links.close()
+
+
+# ---------------------------------------------------------------- the pieces
+
+
+def test_layout_aligns_every_array_and_views_refuse_what_does_not_fit() -> None:
+    starts, end = shm.layout([1, 64, 65, 0, 3])
+    assert starts == [0, 64, 128, 256, 256] and end == 320
+    buf = memoryview(bytearray(320))
+    assert [v.nbytes for v in shm.views(buf, [1, 64, 65, 0, 3])] == [1, 64, 65, 0, 3]
+    with pytest.raises(ProtocolError, match="do not fit"):
+        shm.views(buf, [300, 30])
+
+
+def test_pool_reuses_segments_and_unlinks_what_it_does_not_keep() -> None:
+    pool = shm.SegmentPool(keep_bytes=3 * MiB)
+    first, second = pool.take(2 * MiB), pool.take(2 * MiB)
+    pool.give_back(first)
+    assert pool.take(2 * MiB) is first  # reused, not a fresh segment
+    assert pool.take(8 * MiB).size == 8 * MiB  # never a segment too small, nor one twice too big
+    pool.give_back(first)
+    pool.give_back(second)  # over keep_bytes: one of them goes
+    assert segment_exists(first.name) != segment_exists(second.name)
+    pool.close()
+    assert not segment_exists(first.name) and not segment_exists(second.name)
+
+
+def test_a_worker_lends_segments_only_to_probed_servers_for_big_messages() -> None:
+    links = shm.WorkerLinks(enabled=True, lent_bytes=4 * MiB)
+    big = np.arange(MiB // 2, dtype=np.float32)  # 2 MiB
+    assert links.lend(0, "add", [], [memoryview(big).cast("B")]) is None  # not probed
+    links._servers.add(0)
+    assert links.lend(0, "add", [], [memoryview(big[:100]).cast("B")]) is None  # small: the socket
+    segment = links.lend(0, "add", [], [memoryview(big).cast("B")])
+    assert segment is not None and np.array_equal(np.frombuffer(segment.buf, np.float32)[:len(big)], big)
+    get = [Part(0, dest=[memoryview(bytearray(3 * MiB))])]
+    assert links.lend(0, "get", get, []) is None  # 2 + 3 MiB would pass lent_bytes
+    links.give_back(segment)
+    assert links.lend(0, "get", get, []) is not None
+    assert links.lend(0, "get", [Part(0)], []) is None  # a reply of unknown size
+    assert links.moved_bytes == big.nbytes + 3 * MiB
+    links.close()
+
+
+def test_a_server_refuses_segments_that_are_not_a_workers() -> None:
+    links = shm.ServerLinks()
+    for wire, words in [("mvpy_0123456789abcdef", "must be"), (["../etc/passwd", 1], "not a multiverso_py"),
+                        (["mvpy_0123456789abcdef", 1], "cannot map"), (["mvpy_0123456789abcdef", True], "must be")]:
+        with pytest.raises(ProtocolError, match=words):
+            links.segment(wire)
+    segment = shm.Segment(MiB)
+    try:
+        assert links.segment([segment.name, MiB]).nbytes == MiB
+        with pytest.raises(ProtocolError, match="the request says"):
+            links.segment([segment.name, 2 * MiB])
+    finally:
+        links.close()
+        segment.close()
+
+
+def test_place_copies_a_reply_into_the_segment_or_declines() -> None:
+    rows = np.arange(48, dtype=np.float32).reshape(12, 4)
+    ids = np.arange(12, dtype=np.int64)
+    results = [(3, {}, [ids, rows]), (4, {}, [rows[::2]])]  # a strided array too
+    buf = memoryview(bytearray(1024))
+    placed = shm.place(buf, results)
+    assert [pid for pid, _, _ in placed] == [3, 4]
+    for (_, _, got), (_, _, want) in zip(placed, results):
+        for g, w in zip(got, want):
+            assert np.array_equal(g, w) and g.dtype == w.dtype
+            assert np.shares_memory(g, np.frombuffer(buf, np.uint8))
+    assert shm.place(memoryview(bytearray(256)), results) is None
+
+
+# ---------------------------------------------------------------- real jobs
+
+
+def run_tables(shared: bool) -> tuple[dict, int]:
+    """Dense, row, sparse and KV traffic big enough for shared memory, on 2 servers."""
+    rng = np.random.default_rng(7)
+    out: dict[str, np.ndarray] = {}
+    os.environ["MV_SHARED_MEMORY"] = "1" if shared else "0"
+    try:
+        with LocalCluster(servers=2, log_level="warning") as cluster, mv.init(cluster.address, timeout=30):
+            dense = mv.ArrayTable(3 * MiB, name="dense")  # 12 MiB: several spans per server
+            delta = rng.standard_normal(3 * MiB).astype(np.float32)
+            dense.add(delta)
+            dense.add(delta)
+            into = np.empty(3 * MiB, np.float32)
+            out["dense"], out["dense_out"] = dense.get(), dense.get(out=into).copy()
+            rows = rng.integers(0, 200_000, 60_000)  # 60k rows of 16: 3.8 MiB each way
+            matrix = mv.MatrixTable(200_000, 16, name="matrix")
+            matrix.add(np.ones((len(rows), 16), np.float32), rows)
+            out["rows"] = matrix.get(rows)
+            sparse = mv.SparseMatrixTable(200_000, 16, name="sparse")
+            sparse.add(np.full((len(rows), 16), 2, np.float32), rows)
+            out["sparse"] = sparse.get(rows)
+            kv = mv.KVTable(dim=16, name="kv")
+            keys = rng.integers(-2**62, 2**62, 70_000)
+            kv.add(keys, np.ones((len(keys), 16), np.float32))
+            out["kv"] = kv.get(keys)
+            moved = mv.api._job.client.shared_memory.moved_bytes
+    finally:
+        del os.environ["MV_SHARED_MEMORY"]
+    return out, moved
+
+
+def test_large_arrays_go_through_shared_memory_with_the_sockets_results() -> None:
+    shared, moved = run_tables(shared=True)
+    plain, none_moved = run_tables(shared=False)
+    assert none_moved == 0
+    assert moved >= 4 * 12 * MiB  # the dense adds and gets at least
+    for name in plain:
+        np.testing.assert_array_equal(shared[name], plain[name], err_msg=name)
+    np.testing.assert_allclose(shared["dense"], 2 * np.random.default_rng(7).standard_normal(3 * MiB).astype(np.float32),
+                               rtol=1e-6)
+    assert shared["rows"].min() >= 1 and shared["sparse"].min() >= 2  # every row named got its adds
+
+
+HELD_ADDS = """
+import json, sys
+import numpy as np
+import multiverso_py as mv
+
+mv.init(timeout=30)
+w = mv.worker_id()
+table = mv.ArrayTable(1 << 20, dtype="float32", name="held", consistency="bsp")  # 4 MiB adds
+if w == 0:
+    table.add(np.full(1 << 20, 1, np.float32))  # held until worker 1 finishes clock 0, acknowledged at once
+    table.add(np.full(1 << 20, 10, np.float32))  # the same segment again: the held add must not see this
+    lent = mv.api._job.client.shared_memory.moved_bytes
+    if lent < 8 << 20:
+        sys.exit(f"the adds did not go through shared memory ({lent} bytes)")
+mv.clock()
+mv.barrier()
+values = table.get()
+if not np.all(values == 11):
+    sys.exit(f"worker {w}: expected 11 everywhere, got {np.unique(values)}")
+mv.shutdown()
+"""
+
+
+def test_a_held_add_keeps_its_arrays_when_the_worker_reuses_its_segment(tmp_path: Path) -> None:
+    script = tmp_path / "held.py"
+    script.write_text(textwrap.dedent(HELD_ADDS))
+    result = testing.run_job(script, workers=2, servers=1, timeout=90)
+    assert result.returncode == 0, testing.job_report(result)
+
+
+KILLED_WORKER = """
+import os, sys, time
+import numpy as np
+import multiverso_py as mv
+
+mv.init(timeout=30)
+table = mv.ArrayTable(4 << 20, name="big")
+table.add(np.ones(4 << 20, np.float32))
+table.get()
+names = [s.name for s in mv.api._job.client.shared_memory.pool._free]
+print(" ".join(names), flush=True)
+time.sleep(60)  # killed before this ends
+"""
+
+
+def test_a_worker_killed_with_kill_9_leaves_no_segments_behind(tmp_path: Path) -> None:
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent(KILLED_WORKER))
+    with LocalCluster(servers=1, log_level="warning") as cluster:
+        env = {**os.environ, **cluster.worker_env(0)}
+        with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env) as worker:
+            try:
+                names = worker.stdout.readline().split()
+                assert names and all(segment_exists(n) for n in names), names
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=IO_TIMEOUT)
+            finally:
+                if worker.poll() is None:
+                    worker.kill()
+        assert testing.wait_for(lambda: not any(segment_exists(n) for n in names), timeout=20), \
+            f"segments left after the worker died: {[n for n in names if segment_exists(n)]}"
+
+
+# ---------------------------------------------------------------- bad references
+
+
+@pytest.mark.parametrize("wire, words", [
+    (["mvpy_0123456789abcdef", MiB], "cannot map"),
+    (["/dev/shm/other", MiB], "not a multiverso_py segment"),
+    (["mvpy_0123456789abcdef"], "must be"),
+])
+def test_a_server_answers_a_bad_segment_reference_with_an_error_and_goes_on(wire: list, words: str) -> None:
+    with LocalCluster(servers=1, log_level="warning") as cluster, mv.init(cluster.address, timeout=10):
+        table = mv.ArrayTable(16, name="t")
+        table.add(np.ones(16, np.float32))
+        info = table._info
+        body = {"table": info.table_id, "client": 7777, "seq": 1, "map": info.map_version, "shm": wire,
+                "parts": [{"p": 0, "arrays": [["float32", [16]]]}]}
+        sock = testing.raw_connection(cluster.server_address(0), timeout=IO_TIMEOUT)
+        try:
+            sock.sendall(encode_bytes(MsgType.ADD, 5, body))
+            frame = testing.read_frame(sock, FrameReader())
+        finally:
+            sock.close()
+        assert frame.type is MsgType.ERROR and frame.body["code"] == int(ErrorCode.BAD_REQUEST), frame
+        assert words in frame.body["message"], frame.body["message"]
+        np.testing.assert_array_equal(table.get(), np.ones(16))  # the server still serves
