@@ -70,6 +70,7 @@ PARAM_MANAGER_WORKER = textwrap.dedent("""
         for k, v in state(net).items():  # the master's initial values won
             if not torch.equal(v, master[k]):
                 fail(f"initial {k} is not the master's")
+        mv.barrier()  # no worker adds before every worker has checked its initial pull
         # Known changes: worker i adds i + 1 to every float and 1 to the batch counter per round.
         for _ in range(ROUNDS):
             with torch.no_grad():
