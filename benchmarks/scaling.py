@@ -181,7 +181,8 @@ def notes(extra: dict[str, Any], quick: bool) -> list[str]:
     lines += ["", "Raw streams: as many loopback socket streams at once as there are servers, each to a process "
               "of its own, measured just before. "
               "CPU: cores kept busy on average during the timed rounds (user + system time); a server's "
-              "event loop (its main thread) receives every byte, its table threads apply the adds. "
+              "event loop (its main thread) receives every byte sent on the socket (with shared memory, only "
+              "headers), its table threads apply the adds. "
               "Final value: the table after every add, read by each worker, against its closed form."]
     return lines + (["quick: small tables and few rounds; judge on the full run."] if quick else [])
 
