@@ -19,6 +19,7 @@ messages of at least MIN_BYTES.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import re
@@ -37,6 +38,8 @@ import numpy as np
 
 from multiverso_py.errors import MultiversoError, ProtocolError
 from multiverso_py.tables.base import Part
+
+log = logging.getLogger(__name__)
 
 MIN_BYTES = 1 << 20  # below this a message's arrays stay on the socket
 ALIGN = 64  # arrays start on cache lines
@@ -82,6 +85,8 @@ def _map(name: str, flags: int, size: Optional[int] = None) -> mmap.mmap:
     try:
         if size is not None:
             os.ftruncate(fd, size)
+            if hasattr(os, "posix_fallocate"):  # a full /dev/shm fails here, not with SIGBUS at a write
+                os.posix_fallocate(fd, 0, size)
         return mmap.mmap(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
@@ -180,7 +185,11 @@ class WorkerLinks:
         if not self.enabled:
             return False
         token = secrets.token_bytes(16)
-        segment = Segment(len(token))
+        try:
+            segment = Segment(len(token))
+        except OSError as exc:
+            log.info("no shared memory (%s): every array goes on the socket", exc)
+            return False
         try:
             segment.buf[:len(token)] = token
             ok = await ask({"name": segment.name, "size": segment.size, "token": token}) is True
@@ -211,7 +220,12 @@ class WorkerLinks:
         size = segment_bytes(needed)
         if payload < MIN_BYTES or self._lent + size > self.lent_bytes:
             return None
-        segment = self.pool.take(size)
+        try:
+            segment = self.pool.take(size)
+        except OSError as exc:  # /dev/shm is full, say: stop trying
+            log.warning("cannot create shared memory (%s); large arrays go on the socket from now on", exc)
+            self.enabled, self._servers = False, set()
+            return None
         self._lent += segment.size
         self.moved_bytes += payload
         if op != "get":

@@ -5,6 +5,7 @@ and servers fed bad segment references."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -242,3 +243,18 @@ def test_a_server_answers_a_bad_segment_reference_with_an_error_and_goes_on(wire
         assert frame.type is MsgType.ERROR and frame.body["code"] == int(ErrorCode.BAD_REQUEST), frame
         assert words in frame.body["message"], frame.body["message"]
         np.testing.assert_array_equal(table.get(), np.ones(16))  # the server still serves
+
+
+def test_a_worker_that_cannot_create_segments_goes_on_with_the_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    links = shm.WorkerLinks(enabled=True)
+    links._servers.add(0)
+    monkeypatch.setattr(shm, "_map", full)
+    big = memoryview(np.ones(MiB, np.float32)).cast("B")
+    assert links.lend(0, "add", [], [big]) is None
+    assert not links.enabled and links.moved_bytes == 0
+    asked: list = []
+    fresh = shm.WorkerLinks(enabled=True)
+    assert asyncio.run(fresh.probe(0, asked.append)) is False and not asked  # no segment to show a server
