@@ -96,14 +96,15 @@ class Segment:
     """One shared memory segment of a worker. The mapping goes when the last view of it
     does (an mmap outlives its own name until then), so closing never waits for readers."""
 
-    def __init__(self, size: int):
-        self.name, self.size = PREFIX + secrets.token_hex(8), size
+    def __init__(self, size: int, tracked: bool = True):
+        self.name, self.size, self.tracked = PREFIX + secrets.token_hex(8), size, tracked
         try:
             self.buf: Optional[memoryview] = memoryview(_map(self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, size))
         except OSError:
             _unlink(self.name)
             raise
-        resource_tracker.register("/" + self.name, "shared_memory")  # unlinks it if this process dies
+        if tracked:  # the tracker (a process of its own, started once) unlinks it if this process dies
+            resource_tracker.register("/" + self.name, "shared_memory")
 
     def wire(self) -> list:
         return [self.name, self.size]
@@ -113,7 +114,8 @@ class Segment:
         if self.buf is not None:
             self.buf = None
             _unlink(self.name)
-            resource_tracker.unregister("/" + self.name, "shared_memory")
+            if self.tracked:
+                resource_tracker.unregister("/" + self.name, "shared_memory")
 
 
 def _unlink(name: str) -> None:
@@ -186,7 +188,7 @@ class WorkerLinks:
             return False
         token = secrets.token_bytes(16)
         try:
-            segment = Segment(len(token))
+            segment = Segment(len(token), tracked=False)  # gone in a moment: no tracker process for it
         except OSError as exc:
             log.info("no shared memory (%s): every array goes on the socket", exc)
             return False
