@@ -12,6 +12,8 @@ through numpy's multi-dimensional fancy indexing.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -81,7 +83,7 @@ def add_rows(data: np.ndarray, rows: np.ndarray, delta: np.ndarray, sums: Repeat
 
 def put_rows(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
     """target[rows] = values, for rows of any shape."""
-    width = int(np.prod(target.shape[1:]))  # elements per row
+    width = math.prod(target.shape[1:])  # elements per row (np.prod costs ~5 µs a call)
     if target.ndim < 2 or not width or not len(values) or not (target.flags.c_contiguous and values.flags.c_contiguous) \
             or values.dtype != target.dtype or values.shape[1:] != target.shape[1:]:
         target[rows] = values
