@@ -37,7 +37,8 @@ mv.barrier()
 if mv.worker_id() == 0:
     info = table._info
     (HERE / "final.json").write_text(json.dumps({{"values": table.get().tolist(), "owners": info.owners,
-                                                  "bounds": info.layout["bounds"]}}))
+                                                  "bounds": info.layout["bounds"],
+                                                  "shared": mv.api._job.client.shared_memory.moved_bytes}}))
 mv.shutdown()
 """
 
@@ -70,6 +71,7 @@ def test_a_killed_server_is_replaced_from_the_checkpoint_and_the_job_finishes(tm
     assert all(w.returncode == 0 for w in workers), "\n".join(outputs) + log
     assert "server 1 is back" in log, log
     final = json.loads((tmp_path / "final.json").read_text())
+    assert final["shared"] > 0, "the adds (1 MiB per server) did not go through shared memory"
     values, bounds = np.array(final["values"]), final["bounds"]
     on = {sid: np.concatenate([values[bounds[p]:bounds[p + 1]] for p, owner in enumerate(final["owners"])
                                if owner == sid]) for sid in set(final["owners"])}
