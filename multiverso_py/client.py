@@ -4,8 +4,9 @@ routing of table requests.
 Training code calls in from its own thread; all I/O runs on a LoopThread. A table call
 arrives as Parts (one per partition); the client groups them by owning server, sends
 every server its messages at once, and merges the replies, receiving large arrays
-straight into the result. Each message carries (client id, sequence number) so that a
-resent add is applied once. Every request has a deadline.
+straight into the result (or, from a server on this host, through a segment of shared
+memory lent with the request; see multiverso_py.shm). Each message carries (client id,
+sequence number) so that a resent add is applied once. Every request has a deadline.
 """
 
 from __future__ import annotations
