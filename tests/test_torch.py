@@ -19,6 +19,7 @@ from torch import nn  # noqa: E402
 import multiverso_py as mv  # noqa: E402
 from multiverso_py import testing  # noqa: E402
 from multiverso_py.torch import Embedding, ParamManager, PSOptimizer  # noqa: E402
+from torch_models import Branchy  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -122,24 +123,6 @@ def test_param_manager_workers_agree(tmp_path: Path, consistency: str, workers: 
 
 
 # ---------------------------------------------------------------- PSOptimizer against torch.optim
-
-
-class Branchy(nn.Module):
-    """float32 and float64 parameters (two tables in one group), and a branch used only
-    on even steps (grad None on odd ones: skipped, as torch.optim skips it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Linear(6, 5)
-        self.head = nn.Linear(5, 3)
-        self.side = nn.Linear(6, 3)
-        self.scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        out = self.head(torch.tanh(self.body(x)))
-        if step % 2 == 0:
-            out = out + self.side(x)
-        return out.double() * self.scale
 
 
 def twin_runs(make_ps, make_local, steps: int = 8, scheduler=None) -> tuple[nn.Module, nn.Module, list]:

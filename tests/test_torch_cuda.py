@@ -19,6 +19,7 @@ from torch import nn  # noqa: E402
 import multiverso_py as mv  # noqa: E402
 from multiverso_py import testing  # noqa: E402
 from multiverso_py.torch import Embedding, ParamManager, PSOptimizer  # noqa: E402
+from torch_models import Branchy  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.timeout(120)]
@@ -174,24 +175,6 @@ def test_param_manager_cuda_workers_agree(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- PSOptimizer against torch.optim
-
-
-class Branchy(nn.Module):
-    """float32 and float64 parameters (two tables in one group) and a branch used only on
-    even steps (its grad is None on odd ones)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Linear(6, 5)
-        self.head = nn.Linear(5, 3)
-        self.side = nn.Linear(6, 3)
-        self.scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        out = self.head(torch.tanh(self.body(x)))
-        if step % 2 == 0:
-            out = out + self.side(x)
-        return out.double() * self.scale
 
 
 MakeOpt = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
