@@ -2,11 +2,13 @@
 
 The event loop only reads, validates and routes frames; table work runs on a thread pool
 (multiverso_py.server_jobs). A request runs as one job once it has its turn on every
-partition it touches, so
-operations on one partition run in arrival order while requests on different partitions
-run in parallel. A partition remembers the last sequence number it applied per client,
-so a retried add is applied once. Before that, each table's vector clock (see
-multiverso_py.consistency) may hold a request until the slowest worker catches up.
+partition it touches, so operations on one partition run in arrival order while
+requests on different partitions run in parallel. A partition remembers the last
+sequence number it applied per client, so a retried add is applied once. Before that,
+each table's vector clock (see multiverso_py.consistency) may hold a request until the
+slowest worker catches up. A worker on this host may lend a segment of shared memory
+with a request (multiverso_py.shm): an add's arrays are read from it, a get's reply
+written into it.
 """
 
 from __future__ import annotations
