@@ -125,6 +125,28 @@ def _unlink(name: str) -> None:
         pass
 
 
+def _free_shared_bytes() -> int:
+    """What /dev/shm can still take (a container's may hold 64 MiB in all); unbounded
+    where that cannot be told."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return 1 << 62
+    return stat.f_bavail * stat.f_frsize
+
+
+def usable() -> bool:
+    """Whether this process can create segments of MIN_BYTES (no POSIX shared memory, or
+    a full /dev/shm: no)."""
+    if _posixshmem is None:
+        return False
+    try:
+        Segment(MIN_BYTES, tracked=False).close()
+    except OSError:
+        return False
+    return True
+
+
 def segment_bytes(nbytes: int) -> int:
     """The size of a segment for nbytes: whole MiB, so that similar messages share segments."""
     return max(1, -(-nbytes // MIN_BYTES)) * MIN_BYTES
@@ -174,8 +196,9 @@ class WorkerLinks:
 
     def __init__(self, enabled: bool, lent_bytes: int = LENT_BYTES):
         self.enabled = enabled and _posixshmem is not None
-        self.lent_bytes = lent_bytes
-        self.pool = SegmentPool()
+        share = _free_shared_bytes() // 4  # other workers on this host use it too
+        self.lent_bytes = min(lent_bytes, share)
+        self.pool = SegmentPool(min(KEEP_BYTES, share))
         self._servers: set[int] = set()
         self._lent = 0
         self.moved_bytes = 0  # array bytes that went through shared memory instead of a socket

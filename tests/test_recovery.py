@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from multiverso_py import testing
+from multiverso_py import shm, testing
 
 ADDS = 400
 JOB = f"""
@@ -71,7 +71,8 @@ def test_a_killed_server_is_replaced_from_the_checkpoint_and_the_job_finishes(tm
     assert all(w.returncode == 0 for w in workers), "\n".join(outputs) + log
     assert "server 1 is back" in log, log
     final = json.loads((tmp_path / "final.json").read_text())
-    assert final["shared"] > 0, "the adds (1 MiB per server) did not go through shared memory"
+    if shm.usable():  # then the resent adds went through shared memory too
+        assert final["shared"] > 0, "the adds (1 MiB per server) did not go through shared memory"
     values, bounds = np.array(final["values"]), final["bounds"]
     on = {sid: np.concatenate([values[bounds[p]:bounds[p + 1]] for p, owner in enumerate(final["owners"])
                                if owner == sid]) for sid in set(final["owners"])}

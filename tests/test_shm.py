@@ -26,6 +26,8 @@ from multiverso_py.testing import LocalCluster
 
 MiB = 1 << 20
 IO_TIMEOUT = 10.0
+# Without POSIX shared memory every array goes on the socket (the rest of the suite covers that).
+needs_shm = pytest.mark.skipif(not shm.usable(), reason="no usable POSIX shared memory on this machine")
 
 
 def segment_exists(name: str) -> bool:
@@ -51,6 +53,7 @@ def test_layout_aligns_every_array_and_views_refuse_what_does_not_fit() -> None:
         shm.views(buf, [300, 30])
 
 
+@needs_shm
 def test_pool_reuses_segments_and_unlinks_what_it_does_not_keep() -> None:
     pool = shm.SegmentPool(keep_bytes=3 * MiB)
     first, second = pool.take(2 * MiB), pool.take(2 * MiB)
@@ -64,6 +67,7 @@ def test_pool_reuses_segments_and_unlinks_what_it_does_not_keep() -> None:
     assert not segment_exists(first.name) and not segment_exists(second.name)
 
 
+@needs_shm
 def test_a_worker_lends_segments_only_to_probed_servers_for_big_messages() -> None:
     links = shm.WorkerLinks(enabled=True, lent_bytes=4 * MiB)
     big = np.arange(MiB // 2, dtype=np.float32)  # 2 MiB
@@ -81,6 +85,7 @@ def test_a_worker_lends_segments_only_to_probed_servers_for_big_messages() -> No
     links.close()
 
 
+@needs_shm
 def test_a_server_refuses_segments_that_are_not_a_workers() -> None:
     links = shm.ServerLinks()
     for wire, words in [("mvpy_0123456789abcdef", "must be"), (["../etc/passwd", 1], "not a multiverso_py"),
@@ -144,6 +149,7 @@ def run_tables(shared: bool) -> tuple[dict, int]:
     return out, moved
 
 
+@needs_shm
 def test_large_arrays_go_through_shared_memory_with_the_sockets_results() -> None:
     shared, moved = run_tables(shared=True)
     plain, none_moved = run_tables(shared=False)
@@ -179,6 +185,7 @@ mv.shutdown()
 """
 
 
+@needs_shm
 def test_a_held_add_keeps_its_arrays_when_the_worker_reuses_its_segment(tmp_path: Path) -> None:
     script = tmp_path / "held.py"
     script.write_text(textwrap.dedent(HELD_ADDS))
@@ -201,6 +208,7 @@ time.sleep(60)  # killed before this ends
 """
 
 
+@needs_shm
 def test_a_worker_killed_with_kill_9_leaves_no_segments_behind(tmp_path: Path) -> None:
     script = tmp_path / "killed.py"
     script.write_text(textwrap.dedent(KILLED_WORKER))
@@ -258,3 +266,10 @@ def test_a_worker_that_cannot_create_segments_goes_on_with_the_socket(monkeypatc
     asked: list = []
     fresh = shm.WorkerLinks(enabled=True)
     assert asyncio.run(fresh.probe(0, asked.append)) is False and not asked  # no segment to show a server
+
+
+def test_a_small_dev_shm_bounds_what_a_worker_lends_and_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shm, "_free_shared_bytes", lambda: 64 * MiB)  # a container's default
+    links = shm.WorkerLinks(enabled=True)
+    assert links.lent_bytes == 16 * MiB and links.pool.keep_bytes == 16 * MiB
+    assert shm.WorkerLinks(enabled=True, lent_bytes=8 * MiB).lent_bytes == 8 * MiB
