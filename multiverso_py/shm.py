@@ -231,19 +231,19 @@ class WorkerLinks:
         set's arrays are copied in here; a get's must fit its reply."""
         if server not in self._servers:
             return None
-        if op != "get":
-            lengths = [b.nbytes for b in buffers]
-            payload, needed = sum(lengths), layout(lengths)[1]
-        elif all(p.dest is not None for p in parts):  # the reply's arrays are exactly these
-            lengths = [d.nbytes for p in parts for d in p.dest]
-            payload, needed = sum(lengths), layout(lengths)[1]
+        exact = op != "get" or all(p.dest is not None for p in parts)  # the arrays' sizes are known
+        if exact:  # an add's arrays, or a reply's destinations
+            lengths = [b.nbytes for b in buffers] if op != "get" else [d.nbytes for p in parts for d in p.dest]
+            payload = sum(lengths)
         elif all(p.reply_bytes for p in parts):
             payload = sum(p.reply_bytes for p in parts)
-            needed = payload + 2 * ALIGN * len(parts)  # room to align up to two arrays a part
         else:
             return None  # no bound on the reply's size
-        size = segment_bytes(needed)
-        if payload < MIN_BYTES or self._lent + size > self.lent_bytes:
+        if payload < MIN_BYTES:  # most messages: decided before any layout work
+            return None
+        # an estimated reply leaves room to align up to two arrays a part
+        size = segment_bytes(layout(lengths)[1] if exact else payload + 2 * ALIGN * len(parts))
+        if self._lent + size > self.lent_bytes:
             return None
         try:
             segment = self.pool.take(size)

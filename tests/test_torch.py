@@ -19,7 +19,7 @@ from torch import nn  # noqa: E402
 import multiverso_py as mv  # noqa: E402
 from multiverso_py import testing  # noqa: E402
 from multiverso_py.torch import Embedding, ParamManager, PSOptimizer  # noqa: E402
-from torch_models import Branchy  # noqa: E402
+from torch_models import Branchy, train_embedding  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -281,20 +281,8 @@ def test_embedding_gradients_match_nn_embedding(cluster_job: None, num_embedding
 def test_embedding_trains_inside_a_model_with_a_torch_optimizer(cluster_job: None) -> None:
     torch.manual_seed(0)
     emb = Embedding(8, updater="adagrad", lr=0.3)
-    head = nn.Linear(8, 1)
-    opt = torch.optim.SGD(head.parameters(), lr=0.1)  # the dense part, locally
-    ids = torch.randint(0, 50, (64, 3))
-    target = (ids % 2).float().sum(dim=1, keepdim=True)
-
-    def loss() -> torch.Tensor:
-        return (head(emb(ids).sum(dim=1)) - target).pow(2).mean()
-
-    first = loss().item()
-    for _ in range(30):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    assert loss().item() < 0.2 * first
+    first, last, ids = train_embedding(emb, torch.device("cpu"))  # the dense part with a local optimizer
+    assert last < 0.2 * first
     with torch.no_grad():
         assert emb(ids.to(torch.int32)).shape == (64, 3, 8)
 

@@ -19,7 +19,7 @@ from torch import nn  # noqa: E402
 import multiverso_py as mv  # noqa: E402
 from multiverso_py import testing  # noqa: E402
 from multiverso_py.torch import Embedding, ParamManager, PSOptimizer  # noqa: E402
-from torch_models import Branchy  # noqa: E402
+from torch_models import Branchy, train_embedding  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.timeout(120)]
@@ -274,18 +274,5 @@ def test_embedding_on_cuda_matches_nn_embedding(cluster_job: None, num_embedding
 
 def test_embedding_trains_on_cuda(cluster_job: None) -> None:
     torch.manual_seed(0)
-    emb = Embedding(8, updater="adagrad", lr=0.3)
-    head = nn.Linear(8, 1).to(CUDA)
-    opt = torch.optim.SGD(head.parameters(), lr=0.1)
-    ids = torch.randint(0, 50, (64, 3), device=CUDA)
-    target = (ids % 2).float().sum(dim=1, keepdim=True)
-
-    def loss() -> torch.Tensor:
-        return (head(emb(ids).sum(dim=1)) - target).pow(2).mean()
-
-    first = loss().item()
-    for _ in range(30):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    assert loss().item() < 0.2 * first
+    first, last, _ = train_embedding(Embedding(8, updater="adagrad", lr=0.3), CUDA)
+    assert last < 0.2 * first
