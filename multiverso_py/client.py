@@ -37,7 +37,7 @@ from multiverso_py.updaters import is_additive
 log = logging.getLogger(__name__)
 
 MAX_MOVED_RETRIES = 5
-_OPS = {"get": MsgType.GET, "add": MsgType.ADD, "set": MsgType.SET}
+_OPS = {"get": MsgType.GET, "add": MsgType.ADD, "set": MsgType.SET, "add_get": MsgType.ADD_GET}
 _FROM_SCHEDULER = frozenset({MsgType.PAUSE, MsgType.RESUME, MsgType.SERVER_MOVED, MsgType.SERVER_LOST,
                              MsgType.WORKER_LEFT, MsgType.WORKER_JOINED})  # what it tells a worker unasked
 

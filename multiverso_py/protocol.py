@@ -35,6 +35,7 @@ class MsgType(enum.IntEnum):
     GET = 1
     ADD = 2
     SET = 3
+    ADD_GET = 4  # an add, then a get of the same rows in the same turn: a push-pull in one round trip
     # replies, to any request
     REPLY = 10
     ERROR = 11
@@ -66,7 +67,7 @@ class MsgType(enum.IntEnum):
     SHM_PROBE = 40  # worker -> server: can you map my shared memory? (same host; see multiverso_py.shm)
 
 
-TABLE_OPS = frozenset({MsgType.GET, MsgType.ADD, MsgType.SET})
+TABLE_OPS = frozenset({MsgType.GET, MsgType.ADD, MsgType.SET, MsgType.ADD_GET})
 
 # Body schema per message type: field -> (accepted types, required).
 _INT = (int,)
@@ -84,6 +85,7 @@ SCHEMAS: dict[MsgType, _Schema] = {
     MsgType.GET: _TABLE_OP,
     MsgType.ADD: _TABLE_OP,
     MsgType.SET: _TABLE_OP,
+    MsgType.ADD_GET: _TABLE_OP,
     MsgType.REPLY: {"parts": ((list,), False), "data": ((object,), False), "shm": ((bool,), False)},
     MsgType.ERROR: {"code": (_INT, True), "message": ((str,), True)},
     MsgType.MOVED: {"map": (_INT, True)},

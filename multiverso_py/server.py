@@ -27,9 +27,9 @@ from multiverso_py.consistency import Kind, Model, TableClock
 from multiverso_py.errors import ErrorCode, MultiversoError, ProtocolError, code_for
 from multiverso_py.flow import FlowControl
 from multiverso_py.local import LocalConnection, local_pair
-from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, described_lengths, unpack_parts
+from multiverso_py.protocol import DEFAULT_LIMITS, TABLE_OPS, Frame, Limits, MsgType, described_lengths, unpack_parts
 from multiverso_py.server_checkpoint import SnapshotJob, restore_partitions
-from multiverso_py.server_jobs import Job, Partition, Table, Turns
+from multiverso_py.server_jobs import READS, Job, Partition, Table, Turns
 from multiverso_py.tables.base import TableSpec
 from multiverso_py.tls import TLS
 from multiverso_py.transport import Connection, open_connection
@@ -53,7 +53,7 @@ class ServerConfig:
     checkpoint_every: Optional[float] = None  # ...this often
 
 
-_KINDS = {MsgType.GET: Kind.GET, MsgType.ADD: Kind.ADD, MsgType.SET: Kind.SET}
+_KINDS = {MsgType.GET: Kind.GET, MsgType.ADD: Kind.ADD, MsgType.SET: Kind.SET, MsgType.ADD_GET: Kind.ADD}
 
 
 class Server:
@@ -79,9 +79,7 @@ class Server:
         self._clocks: dict[int, int] = {}  # worker -> clocks it finished; new tables start from these
         self._left: set[int] = set()  # workers that left the job or were declared dead
         self._handlers = {
-            MsgType.GET: self._table_op,
-            MsgType.ADD: self._table_op,
-            MsgType.SET: self._table_op,
+            **{op: self._table_op for op in TABLE_OPS},
             MsgType.CLOCK: self._clock,
             MsgType.SHM_PROBE: lambda conn, frame: conn.send(MsgType.REPLY, frame.req_id,
                                                              {"data": shm.probe_answer(frame.body)}),
@@ -141,6 +139,10 @@ class Server:
             log.warning("%s from %s names unknown table %s", frame.type.name, conn.peer, body["table"])
             conn.send_error(frame.req_id, ErrorCode.UNKNOWN_TABLE, f"server {self.server_id} has no table {body['table']}")
             return
+        if frame.type is MsgType.ADD_GET and table.spec.consistency != "async":
+            conn.send_error(frame.req_id, ErrorCode.BAD_REQUEST, f"ADD_GET needs an async table; table "
+                            f"{body['table']} is {table.spec.consistency} (send an ADD, then a GET)")
+            return
         segment = None
         try:
             buffers = frame.buffers
@@ -165,7 +167,7 @@ class Server:
             args["w"] = body["client"]  # shards that keep per-worker state learn the worker here, not from the client
         job_parts = [(pid, table.partitions[pid], args, arrays) for pid, args, arrays in parts]
         partitions = list({id(p): p for _, p, _, _ in job_parts}.values())
-        job = Job(self, conn, frame, job_parts, partitions, segment if frame.type is MsgType.GET else None)
+        job = Job(self, conn, frame, job_parts, partitions, segment if frame.type in READS else None)
         try:
             now = table.clock.admit(body["client"], _KINDS[frame.type], lambda: self.turns.arrive(job), job)
         except MultiversoError as exc:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+READS = frozenset({MsgType.GET, MsgType.ADD_GET})  # requests whose replies carry the partitions' values
+
 
 class Turns:
     """Gives each job its turn on every partition it touches, in arrival order: a job runs
@@ -78,9 +80,10 @@ class Job:
     """One table request, run on the pool once it has its turn on all its partitions.
 
     Its parts run in message order. An add or set already applied to a partition (same
-    client, sequence number not newer) is skipped there: a retry applies once. A get
-    replies with views of the partitions, not copies, and keeps its turn until the
-    reply has been handed to the kernel, so no add changes the data on its way out."""
+    client, sequence number not newer) is skipped there: a retry applies once. An
+    add-get reads each part's rows right after adding to them. A read replies with views
+    of the partitions, not copies, and keeps its turn until the reply has been handed to
+    the kernel, so no add changes the data on its way out."""
 
     def __init__(self, server: "Server", conn: Connection, frame: Frame, parts: list, partitions: list[Partition],
                  segment: Optional[memoryview] = None):
@@ -108,16 +111,19 @@ class Job:
     def run(self) -> None:
         op, body = self.frame.type, self.frame.body
         client, seq = body["client"], body["seq"]
-        fresh = {id(p) for p in self.partitions if op is MsgType.GET or seq > p.applied.get(client, -1)}
+        writes = op is not MsgType.GET
+        fresh = {id(p) for p in self.partitions if not writes or seq > p.applied.get(client, -1)}
         try:
             for pid, partition, args, arrays in self.parts:
-                if id(partition) not in fresh:
-                    self.results.append((pid, {}, []))
-                elif op is MsgType.GET:
-                    self.results.append((pid, *partition.shard.get(args, arrays)))
+                shard = partition.shard
+                if op is MsgType.GET:
+                    result = shard.get(args, arrays)
                 else:
-                    apply = partition.shard.add if op is MsgType.ADD else partition.shard.set
-                    self.results.append((pid, *apply(args, arrays)))
+                    result = (shard.set if op is MsgType.SET else shard.add)(args, arrays) \
+                        if id(partition) in fresh else ({}, [])
+                    if op is MsgType.ADD_GET:  # then read the rows just added to ([values] or [index, values])
+                        result = shard.get(args, arrays[:-1])
+                self.results.append((pid, *result))
         except Exception as exc:  # reported to the caller as an ERROR reply
             self._log_failure(exc, pid)
             self.error = exc
@@ -128,11 +134,12 @@ class Job:
         # Queue the reply before giving up the turn: a later request on these partitions
         # must not be answered before this one.
         self.server.loop.call_soon_threadsafe(self.reply)
-        if op is not MsgType.GET:
+        if writes:
             for partition in self.partitions:
                 if id(partition) in fresh:
                     partition.applied[client] = seq
             self.server.buffers.release(self.frame.buffers)  # applied: nothing reads them any more
+        if op not in READS:
             self.server.turns.leave(self)
 
     def _log_failure(self, exc: Exception, pid: int) -> None:
@@ -158,5 +165,5 @@ class Job:
                 self.error = exc
         if self.error is not None:
             self.conn.send_error(self.frame.req_id, code_for(self.error), str(self.error))
-        if self.frame.type is MsgType.GET:
+        if self.frame.type in READS:
             self.server.after_flush(self.conn, lambda: self.server.turns.leave(self))

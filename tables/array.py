@@ -51,11 +51,7 @@ class ArrayTable(RangeTableHandle):
         return self._wait(self.get_async(indices, out=out))
 
     def add_async(self, delta: Any, indices: Any = None, *, lr: Optional[float] = None) -> Future:
-        if indices is None:
-            values = check_shape(as_array(delta, self.dtype, "delta"), self.shape, "delta")
-            return self._write_rows("add", values.reshape(-1), None, lr)
-        index = as_index(indices, self.size, "indices")
-        values = check_shape(as_array(delta, self.dtype, "delta"), (len(index),), "delta")
+        values, index = self._delta(delta, indices)
         return self._write_rows("add", values, index, lr)
 
     def add(self, delta: Any, indices: Any = None, *, lr: Optional[float] = None) -> None:
@@ -63,3 +59,21 @@ class ArrayTable(RangeTableHandle):
         updater; `lr` replaces the table's learning rate for this add."""
         self._wait(self.add_async(delta, indices, lr=lr))
 
+    def add_get_async(self, delta: Any, indices: Any = None, *, lr: Optional[float] = None,
+                      out: Optional[np.ndarray] = None) -> Future:
+        values, index = self._delta(delta, indices)
+        return self._add_read_rows(values, index, lr, None if index is not None else self.shape, out)
+
+    def add_get(self, delta: Any, indices: Any = None, *, lr: Optional[float] = None,
+                out: Optional[np.ndarray] = None) -> np.ndarray:
+        """add(delta, indices, lr=lr) and then get(indices, out=out), in one round trip
+        to each server on an async table: the push-pull of a training step. Returns the
+        values right after this add (and any earlier one)."""
+        return self._wait(self.add_get_async(delta, indices, lr=lr, out=out))
+
+    def _delta(self, delta: Any, indices: Any) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """An add's validated values (flat) and flat indices (None for the whole tensor)."""
+        if indices is None:
+            return check_shape(as_array(delta, self.dtype, "delta"), self.shape, "delta").reshape(-1), None
+        index = as_index(indices, self.size, "indices")
+        return check_shape(as_array(delta, self.dtype, "delta"), (len(index),), "delta"), index

@@ -228,6 +228,21 @@ class TableHandle:
         return f"{type(self).__name__}(name={self.name!r}, shape={s.shape}, dtype={s.dtype}, updater={s.updater!r})"
 
 
+def after(first: Future, second: Future) -> Future:
+    """A future for second's outcome once first has succeeded too (first's failure wins)."""
+    both: Future = Future()
+
+    def finish(_: Future) -> None:
+        failure = first.exception() or second.exception()
+        if failure is not None:
+            both.set_exception(failure)
+        else:
+            both.set_result(second.result())
+
+    first.add_done_callback(lambda _: second.add_done_callback(finish))
+    return both
+
+
 def scatter_rows(part: Part, arrays: list, args: dict, out: np.ndarray) -> None:
     """On the I/O thread: a part's reply rows go to their positions in the result."""
     arrayops.put_rows(out, part.positions, arrays[0])

@@ -18,6 +18,7 @@ from multiverso_py.tables.base import (
     as_array,
     check_shape,
     group_by_partition,
+    after,
     scatter_rows,
 )
 
@@ -200,28 +201,45 @@ class RangeTableHandle(TableHandle):
         """Start a get of all rows (the result in `shape`) or of the given rows, into `out`
         or a new array. Replies are received straight into the result wherever its
         layout allows; reusing `out` also spares the page faults of fresh memory."""
-        if rows is None:
-            result = result_array(out, shape or (self._num_rows, *self._row_shape), self.dtype)
-            flat = result.reshape(self._num_rows, *self._row_shape)
-            parts = [Part(p, args, dest=[_bytes_of(flat[lo:hi])]) for p, lo, hi, args in self._spans()]
-            return self._submit("get", parts, None, result)
-        result = result_array(out, (len(rows), *self._row_shape), self.dtype)
-        groups = self._ranges.split(rows)
-        if len(groups) == 1:
-            return self._submit("get", [Part(groups[0][0], arrays=[rows], dest=[_bytes_of(result)])], None, result)
-        row_bytes = result.nbytes // max(1, len(rows))
-        parts = [Part(p, arrays=[rows[pos]], positions=pos, reply_bytes=len(pos) * row_bytes) for p, pos in groups]
-        return self._submit("get", parts, scatter_rows, result)
+        return self._request("get", rows, None, {}, self._result(rows, shape, out))
 
     def _write_rows(self, op: str, delta: np.ndarray, rows: Optional[np.ndarray], lr: Any = None) -> Future:
         """Start an add (or the master's set) of all rows or of the given rows, with the
         add's own learning rate `lr` if given."""
-        args = call_args(self._info.spec.updater, lr)
+        return self._request(op, rows, delta, call_args(self._info.spec.updater, lr), None)
+
+    def _add_read_rows(self, delta: np.ndarray, rows: Optional[np.ndarray], lr: Any, shape: Optional[tuple] = None,
+                       out: Optional[np.ndarray] = None) -> Future:
+        """Start an add of all rows or of the given rows, then a get of the same rows: one
+        round trip (ADD_GET) on an async table. On an SSP or BSP table a get may wait for
+        clocks and an add may be held, so it is an add followed by a get."""
+        result = self._result(rows, shape, out)
+        if self._info.spec.consistency != "async":
+            return after(self._write_rows("add", delta, rows, lr), self._request("get", rows, None, {}, result))
+        return self._request("add_get", rows, delta, call_args(self._info.spec.updater, lr), result)
+
+    def _result(self, rows: Optional[np.ndarray], shape: Optional[tuple], out: Optional[np.ndarray]) -> np.ndarray:
+        count = self._num_rows if rows is None else len(rows)
+        return result_array(out, shape if rows is None and shape else (count, *self._row_shape), self.dtype)
+
+    def _request(self, op: str, rows: Optional[np.ndarray], delta: Optional[np.ndarray], args: dict,
+                 result: Optional[np.ndarray]) -> Future:
+        """Start `op` on all rows (in row spans) or on the given rows, split by partition:
+        `delta` (an add's or set's values) goes with the rows, a reply's rows land in
+        `result` (a get's or add-get's)."""
         if rows is None:
-            parts = [Part(p, {**span, **args}, [delta[lo:hi]]) for p, lo, hi, span in self._spans()]
-        else:
-            parts = [Part(p, dict(args), [rows[pos], np.take(delta, pos, axis=0)]) for p, pos in self._ranges.split(rows)]
-        return self._submit(op, parts)
+            flat = None if result is None else result.reshape(self._num_rows, *self._row_shape)
+            parts = [Part(p, {**span, **args}, [] if delta is None else [delta[lo:hi]],
+                          None if flat is None else [_bytes_of(flat[lo:hi])]) for p, lo, hi, span in self._spans()]
+            return self._submit(op, parts, None, result)
+        groups = self._ranges.split(rows)
+        if result is not None and len(groups) == 1:  # the reply goes straight into the result
+            arrays = [rows] if delta is None else [rows, delta]
+            return self._submit(op, [Part(groups[0][0], dict(args), arrays, [_bytes_of(result)])], None, result)
+        row_bytes = 0 if result is None else result.nbytes // max(1, len(rows))
+        parts = [Part(p, dict(args), [rows[pos]] if delta is None else [rows[pos], np.take(delta, pos, axis=0)],
+                      positions=pos, reply_bytes=len(pos) * row_bytes) for p, pos in groups]
+        return self._submit(op, parts, None if result is None else scatter_rows, result)
 
 
 def result_array(out: Optional[np.ndarray], shape: tuple, dtype: np.dtype) -> np.ndarray:

@@ -132,6 +132,9 @@ def run_tables(shared: bool) -> tuple[dict, int]:
             dense.add(delta)
             into = np.empty(3 * MiB, np.float32)
             out["dense"], out["dense_out"] = dense.get(), dense.get(out=into).copy()
+            out["dense_add_get"] = dense.add_get(delta, out=into).copy()  # the reply overwrites the add's arrays
+            spots = rng.integers(0, 3 * MiB, MiB)
+            out["dense_add_get_at"] = dense.add_get(np.ones(MiB, np.float32), spots)
             rows = rng.integers(0, 200_000, 60_000)  # 60k rows of 16: 3.8 MiB each way
             matrix = mv.MatrixTable(200_000, 16, name="matrix")
             matrix.add(np.ones((len(rows), 16), np.float32), rows)

@@ -158,14 +158,11 @@ class PSOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._wait_pushes()  # their buffers are about to be refilled (done long ago: pulls came after them)
+        self._land()  # with overlap: the previous step's pull, which had a whole step to arrive
         for index, (group, slots) in enumerate(zip(self.param_groups, self._slots)):
             self._check_unchanged(index, group)
             for slot in slots:
-                future = self._push(slot, group)
-                if future is not None:
-                    self._pushes.append((slot, future))
-        self._land()  # with overlap: the previous step's pull, which had a whole step to arrive
-        self._start_pulls(self._all_slots())
+                self._push_pull(slot, group)
         if not self.overlap:
             self._land()
             self._wait_pushes()
@@ -184,16 +181,21 @@ class PSOptimizer(torch.optim.Optimizer):
     def _all_slots(self) -> list[_Slot]:
         return [slot for slots in self._slots for slot in slots]
 
-    def _push(self, slot: _Slot, group: dict) -> Optional[Future]:
+    def _push_pull(self, slot: _Slot, group: dict) -> None:
+        """Push a slot's gradients and start the pull of its weights: one round trip when
+        every parameter has a gradient (add_get: the server updates, then replies with
+        the new weights), an add of those that have one and a get otherwise."""
         grads = [_gradient(p, group["weight_decay"]) for p in slot.params]
         present = [g is not None for g in grads]
-        if not any(present):
-            return None
-        flat = slot.grads.gather(grads)  # add_async sends it without copying; untouched until done
+        slot.weights.wait_copies_out()
+        flat = slot.grads.gather(grads) if any(present) else None  # sent without copying; untouched until done
         if all(present):
-            return slot.table.add_async(flat, lr=group["lr"])
-        index = slot.grads.indices_of(present)  # only the parameters that have gradients
-        return slot.table.add_async(flat[index], index, lr=group["lr"])
+            self._pulls.append((slot, slot.table.add_get_async(flat, lr=group["lr"], out=slot.weights.array)))
+            return
+        if flat is not None:
+            index = slot.grads.indices_of(present)  # only the parameters that have gradients
+            self._pushes.append((slot, slot.table.add_async(flat[index], index, lr=group["lr"])))
+        self._pulls.append((slot, slot.table.get_async(out=slot.weights.array)))
 
     def _wait_pushes(self) -> None:
         pushes, self._pushes = self._pushes, []
