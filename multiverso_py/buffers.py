@@ -27,7 +27,7 @@ class BufferPool:
 
     def allocate(self, msg_type: MsgType, req_id: int, body: dict, lengths: list[int]) -> Optional[list[memoryview]]:
         """A FrameReader allocator: buffers for an add's or set's arrays (None: the reader's own)."""
-        if msg_type not in (MsgType.ADD, MsgType.SET) or max(lengths) < MIN_BYTES:
+        if msg_type not in (MsgType.ADD, MsgType.SET, MsgType.ADD_GET) or max(lengths) < MIN_BYTES:
             return None
         with self._lock:
             arrays = [self._take(n) for n in lengths]

@@ -74,6 +74,12 @@ def test_a_worker_lends_segments_only_to_probed_servers_for_big_messages() -> No
     assert links.lend(0, "add", [], [memoryview(big).cast("B")]) is None  # not probed
     links._servers.add(0)
     assert links.lend(0, "add", [], [memoryview(big[:100]).cast("B")]) is None  # small: the socket
+    below = big[:shm.MIN_BYTES // 4 - 1]
+    assert links.lend(0, "add", [], [memoryview(below).cast("B")]) is None
+    least = links.lend(0, "add", [], [memoryview(big[:shm.MIN_BYTES // 4]).cast("B")])
+    assert least is not None and least.size == shm.SEGMENT_UNIT  # segments come in whole units
+    links.give_back(least)
+    links.moved_bytes = 0
     segment = links.lend(0, "add", [], [memoryview(big).cast("B")])
     assert segment is not None and np.array_equal(np.frombuffer(segment.buf, np.float32)[:len(big)], big)
     get = [Part(0, dest=[memoryview(bytearray(3 * MiB))])]
