@@ -119,8 +119,9 @@ class Job:
                 if op is MsgType.GET:
                     result = shard.get(args, arrays)
                 else:
-                    result = (shard.set if op is MsgType.SET else shard.add)(args, arrays) \
-                        if id(partition) in fresh else ({}, [])
+                    result = {}, []
+                    if id(partition) in fresh:  # not applied here before: a retry applies once
+                        result = (shard.set if op is MsgType.SET else shard.add)(args, arrays)
                     if op is MsgType.ADD_GET:  # then read the rows just added to ([values] or [index, values])
                         result = shard.get(args, arrays[:-1])
                 self.results.append((pid, *result))

@@ -15,10 +15,10 @@ from multiverso_py.tables.base import (
     TableHandle,
     TableInfo,
     TableSpec,
+    after,
     as_array,
     check_shape,
     group_by_partition,
-    after,
     scatter_rows,
 )
 

@@ -187,15 +187,15 @@ class PSOptimizer(torch.optim.Optimizer):
         the new weights), an add of those that have one and a get otherwise."""
         grads = [_gradient(p, group["weight_decay"]) for p in slot.params]
         present = [g is not None for g in grads]
-        slot.weights.wait_copies_out()
         flat = slot.grads.gather(grads) if any(present) else None  # sent without copying; untouched until done
         if all(present):
+            slot.weights.wait_copies_out()
             self._pulls.append((slot, slot.table.add_get_async(flat, lr=group["lr"], out=slot.weights.array)))
             return
         if flat is not None:
             index = slot.grads.indices_of(present)  # only the parameters that have gradients
             self._pushes.append((slot, slot.table.add_async(flat[index], index, lr=group["lr"])))
-        self._pulls.append((slot, slot.table.get_async(out=slot.weights.array)))
+        self._start_pulls([slot])
 
     def _wait_pushes(self) -> None:
         pushes, self._pushes = self._pushes, []
