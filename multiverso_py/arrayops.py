@@ -13,8 +13,28 @@ through numpy's multi-dimensional fancy indexing.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import numpy as np
+
+
+def below(index: np.ndarray, size: int) -> bool:
+    """Whether every int64 index is in [0, size): one pass, as unsigned (negatives wrap
+    to huge values), where a min and a max take two."""
+    return not index.size or int(index.view(np.uint64).max()) < size
+
+
+# Where gathered rows go, like np.empty(shape, dtype): a server passes one that lays them
+# out in the worker's shared memory (multiverso_py.shm.ReplyArea).
+Alloc = Callable[[tuple, Any], np.ndarray]
+
+
+def gather_rows(data: np.ndarray, rows: np.ndarray, alloc: Alloc = np.empty) -> np.ndarray:
+    """data[rows] for row ids already checked, into memory from alloc. np.take is 3-4x
+    faster than fancy indexing; mode="clip" because with its default mode it gathers
+    into a buffer of its own first when given out=."""
+    out = alloc((len(rows), *data.shape[1:]), data.dtype)
+    return np.take(data, rows, axis=0, out=out, mode="clip")
 
 
 def _first_of_runs(ordered: np.ndarray) -> np.ndarray:

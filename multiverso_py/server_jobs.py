@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
+
 from multiverso_py import shm
 from multiverso_py.consistency import TableClock
 from multiverso_py.errors import MultiversoError, ProtocolError, code_for
@@ -113,11 +115,14 @@ class Job:
         client, seq = body["client"], body["seq"]
         writes = op is not MsgType.GET
         fresh = {id(p) for p in self.partitions if not writes or seq > p.applied.get(client, -1)}
+        # A get gathers its rows straight into the worker's segment. An add-get's reply
+        # goes over its own request's arrays, which are still being read: placed after.
+        area = shm.ReplyArea(self.segment) if self.segment is not None and op is MsgType.GET else None
         try:
             for pid, partition, args, arrays in self.parts:
                 shard = partition.shard
                 if op is MsgType.GET:
-                    result = shard.get(args, arrays)
+                    result = shard.get(args, arrays, area.empty if area is not None else np.empty)
                 else:
                     result = {}, []
                     if id(partition) in fresh:  # not applied here before: a retry applies once
@@ -129,7 +134,7 @@ class Job:
             self._log_failure(exc, pid)
             self.error = exc
         if self.segment is not None and self.error is None:
-            placed = shm.place(self.segment, self.results)
+            placed = shm.place(self.segment, self.results, area)
             self.in_segment = placed is not None
             self.results = placed or self.results
         # Queue the reply before giving up the turn: a later request on these partitions

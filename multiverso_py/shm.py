@@ -20,6 +20,7 @@ messages of at least MIN_BYTES.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import re
@@ -329,10 +330,43 @@ def probe_answer(body: dict) -> bool:
         links.close()
 
 
-def place(segment: memoryview, results: list[tuple[int, dict, list[np.ndarray]]]) -> Optional[list]:
+class ReplyArea:
+    """Arrays for a get's reply, laid out in the worker's segment as place() lays out a
+    reply, so that a shard can gather its rows straight there: place() then copies
+    nothing. An array that does not fit comes from ordinary memory."""
+
+    def __init__(self, segment: memoryview):
+        self.segment = segment
+        self.arrays: list[np.ndarray] = []  # handed out, in layout order
+        self._end = 0
+
+    def empty(self, shape: tuple, dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        start = self._end
+        if start + nbytes > len(self.segment):
+            return np.empty(shape, dtype)
+        self._end = start + -(-nbytes // ALIGN) * ALIGN
+        array = np.frombuffer(self.segment[start:start + nbytes], dtype).reshape(shape)
+        self.arrays.append(array)
+        return array
+
+    def holds(self, arrays: Sequence[np.ndarray]) -> bool:
+        """Whether these are exactly the arrays handed out, in order: a reply in place."""
+        return len(arrays) == len(self.arrays) and all(a is b for a, b in zip(arrays, self.arrays))
+
+
+def place(segment: memoryview, results: list[tuple[int, dict, list[np.ndarray]]],
+          area: Optional[ReplyArea] = None) -> Optional[list]:
     """A get's reply arrays copied into the worker's segment: the results with views of
-    them there, or None if they do not fit (the reply then goes on the socket)."""
+    them there, or None if they do not fit (the reply then goes on the socket). Arrays
+    that `area` gathered there already are not copied again."""
     arrays = [np.ascontiguousarray(a) for _, _, part_arrays in results for a in part_arrays]
+    if area is not None and area.arrays:
+        if area.holds(arrays):
+            return results
+        owned = {id(a) for a in area.arrays}  # out of the way before the segment is written over
+        arrays = [a.copy() if id(a) in owned else a for a in arrays]
     if layout([a.nbytes for a in arrays])[1] > len(segment):
         return None
     targets = iter(copy_in(segment, arrays))

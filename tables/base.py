@@ -159,7 +159,7 @@ def as_index(value: Any, size: int, what: str) -> np.ndarray:
     if index.size and not np.issubdtype(index.dtype, np.integer):
         raise InvalidArgument(f"{what} must be integers, got dtype {index.dtype}")
     index = index.astype(np.int64, copy=False)
-    if index.size and (index.min() < 0 or index.max() >= size):
+    if not arrayops.below(index, size):
         bad = index[(index < 0) | (index >= size)][0]
         raise IndexOutOfRange(f"{what} contains {bad}, outside [0, {size})")
     return index

@@ -181,7 +181,7 @@ class KVShard:
         rows[missing] = start + inverse.reshape(-1)
         return rows
 
-    def get(self, args: dict, arrays: list) -> tuple[dict, list]:
+    def get(self, args: dict, arrays: list, alloc: arrayops.Alloc = np.empty) -> tuple[dict, list]:
         """The rows of arrays[0]'s keys (a copy), or with args {"op": "len"} the key count."""
         if "op" in args:
             if args["op"] != "len":
@@ -192,11 +192,11 @@ class KVShard:
         if self.insert_on_get:
             rows = self._insert_missing(keys, rows)  # may grow (replace) self.data
             self.updater.pulled(args.get("w"), rows)
-            return {}, [np.take(self.data, rows, axis=0)]
+            return {}, [arrayops.gather_rows(self.data, rows, alloc)]
         found = rows >= 0
         present = rows[found]
         self.updater.pulled(args.get("w"), present)
-        out = np.empty((len(keys), self.dim), dtype=self.dtype)
+        out = alloc((len(keys), self.dim), self.dtype)
         out[found] = np.take(self.data, present, axis=0)
         out[~found] = initial_rows(self.init, self.seed, keys[~found], self.dim, self.dtype)
         return {}, [out]

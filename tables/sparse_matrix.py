@@ -37,7 +37,7 @@ class SparseRowShard(DenseRowShard):
         self._clock = 0
         self._sent: dict[int, np.ndarray] = {}  # worker -> stamp of each row when last sent (-1: never)
 
-    def get(self, args: dict, arrays: list) -> tuple[dict, list]:
+    def get(self, args: dict, arrays: list, alloc: arrayops.Alloc = np.empty) -> tuple[dict, list]:
         worker = args.get("w")
         if type(worker) is not int or worker < 0:
             raise InvalidArgument("a sparse get names its worker: args {'w': id}")
@@ -58,7 +58,8 @@ class SparseRowShard(DenseRowShard):
         # The worker's cache now equals the shard on every row it asked for: the rows
         # sent, and rows unchanged since they were last sent (and reported pulled).
         self.updater.pulled(worker, changed)
-        return {}, [changed + self.lo, np.take(self.data, changed, axis=0)]
+        ids = np.add(changed, self.lo, out=alloc(changed.shape, np.int64))
+        return {}, [ids, arrayops.gather_rows(self.data, changed, alloc)]
 
     def add(self, args: dict, arrays: list) -> tuple[dict, list]:
         result = super().add(args, arrays)
@@ -117,8 +118,8 @@ class SparseMatrixTable(MatrixTable):
             parts = [Part(p, {**args, **span}, reply_bytes=(hi - lo) * row_bytes) for p, lo, hi, span in self._spans()]
         else:
             unique = arrayops.unique(rows)
-            parts = [Part(p, args, [unique[pos]], reply_bytes=len(pos) * row_bytes)
-                     for p, pos in self._ranges.split(unique)]
+            parts = [Part(p, args, [unique[span]], reply_bytes=(span.stop - span.start) * row_bytes)
+                     for p, span in self._ranges.split_sorted(unique)]
         future = self._submit("get", parts, self._merge_rows, result,
                               finish=lambda res: _copy_rows(self._cache, rows, res))
         future.add_done_callback(self._on_get_done)

@@ -54,3 +54,9 @@ def test_put_rows_matches_fancy_assignment(values: np.ndarray, row_shape: tuple,
     expected[rows] = new
     arrayops.put_rows(target, rows, new)
     np.testing.assert_array_equal(target, expected)
+
+
+@given(arrays(np.int64, st.integers(0, 50), elements=st.integers(-2**63, 2**63 - 1)), st.integers(0, 2**62))
+@settings(max_examples=200, deadline=None)
+def test_below_is_the_range_check(index: np.ndarray, size: int) -> None:
+    assert arrayops.below(index, size) == bool(np.all((index >= 0) & (index < size)))

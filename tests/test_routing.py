@@ -11,6 +11,7 @@ import pytest
 import multiverso_py as mv
 from multiverso_py.framing import FrameReader, encode_bytes
 from multiverso_py.protocol import MsgType, pack_parts
+from multiverso_py.tables.ranges import RangeRows
 from multiverso_py.testing import LocalCluster, raw_connection
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,3 +75,24 @@ def test_resent_add_is_applied_once():
             assert _request(cluster.server_address(owner), MsgType.ADD, body, buffers).type is MsgType.REPLY
             expected[lo:hi] += 5 if applied else 0
             np.testing.assert_array_equal(table.get(), expected)
+
+
+@pytest.mark.parametrize("bounds", [[0, 10], [0, 6, 10], [0, 3, 3, 10], [0, 4, 7, 10]])
+def test_rows_split_by_partition_sorted_or_not(bounds: list[int]) -> None:
+    """Worker-side splitting: every row goes to the partition whose range holds it, in
+    its order; ascending rows split into slices with the same content."""
+    ranges = RangeRows(bounds)
+    rng = np.random.default_rng(len(bounds))
+    for size in (0, 1, 5, 40):
+        rows = rng.integers(0, 10, size)
+        owner = np.searchsorted(np.array(bounds), rows, side="right") - 1
+        expected = {p: np.flatnonzero(owner == p) for p in np.unique(owner)}
+        got = dict(ranges.split(rows))
+        assert got.keys() == expected.keys()
+        for p, positions in got.items():
+            np.testing.assert_array_equal(positions, expected[p])
+        ordered = np.sort(rows)
+        spans = ranges.split_sorted(ordered)
+        assert [p for p, _ in spans] == sorted(expected)
+        for p, span in spans:
+            np.testing.assert_array_equal(ordered[span], np.sort(rows[expected[p]]))

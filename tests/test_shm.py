@@ -122,6 +122,36 @@ def test_place_copies_a_reply_into_the_segment_or_declines() -> None:
     assert shm.place(memoryview(bytearray(256)), results) is None
 
 
+def test_a_reply_gathered_in_the_reply_area_is_not_copied_again() -> None:
+    buf = memoryview(bytearray(1024))
+    area = shm.ReplyArea(buf)
+    table = np.arange(400, dtype=np.float32).reshape(100, 4)
+    rows = np.array([7, 3, 99], np.int64)
+    ids = np.add(rows, 1000, out=area.empty(rows.shape, np.int64))
+    values = np.take(table, rows, axis=0, out=area.empty((3, 4), np.float32))
+    results = [(0, {}, [ids, values])]
+    assert shm.place(buf, results, area) is results  # in place already: nothing copied
+    got_ids = np.frombuffer(buf[:ids.nbytes], np.int64)
+    got = np.frombuffer(buf[shm.layout([ids.nbytes])[1]:][:values.nbytes], np.float32).reshape(3, 4)
+    assert np.array_equal(got_ids, rows + 1000) and np.array_equal(got, table[rows])
+    assert shm.views(buf, [ids.nbytes, values.nbytes])[1].tobytes() == table[rows].tobytes()  # where place() puts it
+    too_big = area.empty((1000, 4), np.float32)  # does not fit what is left: ordinary memory
+    assert not np.shares_memory(too_big, np.frombuffer(buf, np.uint8))
+
+
+def test_place_moves_reply_area_arrays_it_did_not_lay_out_itself() -> None:
+    """A reply that mixes gathered arrays with others (a view of a partition first, say)
+    is laid out anew; the gathered arrays are copied out before the segment is written."""
+    buf = memoryview(bytearray(1024))
+    area = shm.ReplyArea(buf)
+    gathered = area.empty((8,), np.float64)
+    gathered[:] = np.arange(8)
+    other = np.full(16, 5.0, np.float32)
+    placed = shm.place(buf, [(1, {}, [other, gathered])], area)
+    got_other, got_gathered = placed[0][2]
+    assert np.array_equal(got_other, other) and np.array_equal(got_gathered, np.arange(8))
+
+
 # ---------------------------------------------------------------- real jobs
 
 
