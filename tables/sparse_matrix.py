@@ -139,10 +139,15 @@ class SparseMatrixTable(MatrixTable):
         rows = self._rows(row_ids)
         expected = self.shape if rows is None else (len(rows), self.num_cols)
         values = check_shape(as_array(delta, self.dtype, "delta"), expected, "delta")
-        nonzero = np.flatnonzero(values.any(axis=1))
-        rows = nonzero if rows is None else rows[nonzero]
+        nonzero = arrayops.nonzero_rows(values)
+        if rows is None:
+            rows = nonzero
+        elif len(nonzero) < len(rows):
+            rows = rows[nonzero]
+        if len(nonzero) < len(values):  # every row non-zero (the usual case): no copy
+            values = np.take(values, nonzero, axis=0)
         self._info.stats.rows_sent += len(rows)
-        return self._write_rows("add", np.take(values, nonzero, axis=0), rows, lr)
+        return self._write_rows("add", values, rows, lr)
 
 
 def _copy_rows(cache: np.ndarray, rows: Optional[np.ndarray], out: np.ndarray) -> np.ndarray:

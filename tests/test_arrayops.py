@@ -60,3 +60,12 @@ def test_put_rows_matches_fancy_assignment(values: np.ndarray, row_shape: tuple,
 @settings(max_examples=200, deadline=None)
 def test_below_is_the_range_check(index: np.ndarray, size: int) -> None:
     assert arrayops.below(index, size) == bool(np.all((index >= 0) & (index < size)))
+
+
+@given(arrays(np.float32, st.tuples(st.integers(0, 30), st.integers(0, 5)),
+              elements=st.sampled_from([0.0, -0.0, 1.5, -2.0, np.nan, np.inf])))
+@settings(max_examples=200, deadline=None)
+def test_nonzero_rows_matches_any(values: np.ndarray) -> None:
+    np.testing.assert_array_equal(arrayops.nonzero_rows(values), np.flatnonzero(values.any(axis=1)))
+    cube = np.repeat(values[:, :, None], 2, axis=2)  # rows of any shape
+    np.testing.assert_array_equal(arrayops.nonzero_rows(cube), np.flatnonzero(values.any(axis=1)))
