@@ -154,5 +154,5 @@ def _copy_rows(cache: np.ndarray, rows: Optional[np.ndarray], out: np.ndarray) -
     if rows is None:
         np.copyto(out, cache)
     else:
-        np.take(cache, rows, axis=0, out=out)
+        np.take(cache, rows, axis=0, out=out, mode="clip")  # rows are checked; on clip see arrayops.gather_rows
     return out
