@@ -75,11 +75,6 @@ class RangeRows:
             return [(p, pos) for p, pos in enumerate((np.flatnonzero(~upper), np.flatnonzero(upper))) if len(pos)]
         return group_by_partition(np.searchsorted(self.bounds[1:-1], rows, side="right"))
 
-    def split_sorted(self, rows: np.ndarray) -> list[tuple[int, slice]]:
-        """(partition, slice of rows) for each partition that some of these ascending rows
-        fall in: a search per partition, no pass over the rows."""
-        cuts = np.searchsorted(rows, self.bounds).tolist()
-        return [(p, slice(lo, hi)) for p, (lo, hi) in enumerate(zip(cuts, cuts[1:])) if hi > lo]
 
 class DenseRowShard:
     """Server-side storage of rows [lo, hi) of a range-partitioned table, each row of

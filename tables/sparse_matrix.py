@@ -5,6 +5,7 @@ a stamp of its last change and, per worker, the stamp each row had when last sen
 
 from __future__ import annotations
 
+import threading
 import weakref
 from concurrent.futures import Future
 from typing import Any, Optional
@@ -47,14 +48,15 @@ class SparseRowShard(DenseRowShard):
         if sent is None:
             sent = self._sent[worker] = np.full(len(self.stamp), -1, np.int64)
         if arrays:
-            rows = self._local_rows(arrays[0])
-            changed = rows if args.get("all") else rows[self.stamp[rows] > sent[rows]]
+            where = changed = self._local_rows(arrays[0])
         else:
-            span = self._span(args) or slice(0, len(self.stamp))
-            changed = np.arange(span.start, span.stop)
-            if not args.get("all"):
-                changed = changed[self.stamp[span] > sent[span]]
-        sent[changed] = self.stamp[changed]
+            where = self._span(args) or slice(0, len(self.stamp))
+            changed = np.arange(where.start, where.stop)
+        stamps = self.stamp[where]  # read once: a random gather is what a request costs here
+        if not args.get("all"):
+            newer = stamps > sent[where]
+            changed, stamps = changed[newer], stamps[newer]
+        sent[changed] = stamps
         # The worker's cache now equals the shard on every row it asked for: the rows
         # sent, and rows unchanged since they were last sent (and reported pulled).
         self.updater.pulled(worker, changed)
@@ -85,6 +87,8 @@ class _Cache:
     def __init__(self, values: np.ndarray):
         self.values = values
         self.cold = True  # the next get asks for every row: nothing cached yet, or a get failed
+        self.repeats = arrayops.RepeatSums()  # drops a get's repeated rows (4 bytes a row)
+        self.lock = threading.Lock()  # for repeats: gets may come from several threads
 
 
 _caches: "weakref.WeakValueDictionary[tuple[Any, int], _Cache]" = weakref.WeakValueDictionary()
@@ -117,9 +121,10 @@ class SparseMatrixTable(MatrixTable):
         if rows is None:
             parts = [Part(p, {**args, **span}, reply_bytes=(hi - lo) * row_bytes) for p, lo, hi, span in self._spans()]
         else:
-            unique = arrayops.unique(rows)
-            parts = [Part(p, args, [unique[span]], reply_bytes=(span.stop - span.start) * row_bytes)
-                     for p, span in self._ranges.split_sorted(unique)]
+            with self._shared.lock:
+                distinct = self._shared.repeats.distinct(rows, self.num_rows)
+            parts = [Part(p, args, [distinct[pos]], reply_bytes=len(pos) * row_bytes)
+                     for p, pos in self._ranges.split(distinct)]
         future = self._submit("get", parts, self._merge_rows, result,
                               finish=lambda res: _copy_rows(self._cache, rows, res))
         future.add_done_callback(self._on_get_done)
