@@ -147,8 +147,11 @@ class KeyIndex:
         width = 1
         while len(todo):
             free = self._rows[self._window(start, width)] == EMPTY
-            has_free = free.any(axis=1)
-            claim = (start + free.argmax(axis=1)) & mask
+            if width == 1:  # the home slot
+                has_free, first = free[:, 0], 0
+            else:
+                has_free, first = _window_bytes(free) != 0, free.argmax(axis=1)
+            claim = (start + first) & mask
             claimers = np.flatnonzero(has_free)
             # Each claimed slot keeps one of the markers written to it: that claimer wins.
             marker = -2 - claimers
