@@ -179,9 +179,12 @@ MASK_GROUPING_MAX = 16  # up to this many partitions, one boolean pass each beat
 
 
 def group_by_partition(pid: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """(partition, positions) for each partition named in pid, positions in their order."""
+    """(partition, positions) for each partition named in pid, positions in their order.
+    For two partitions pid may be a bool mask of the second's: no counting at all."""
     if not len(pid):
         return []
+    if pid.dtype == bool:
+        return [(p, pos) for p, pos in enumerate((np.flatnonzero(~pid), np.flatnonzero(pid))) if len(pos)]
     counts = np.bincount(pid)
     if len(counts) <= MASK_GROUPING_MAX:
         return [(int(p), np.flatnonzero(pid == p)) for p in np.flatnonzero(counts)]

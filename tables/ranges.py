@@ -71,8 +71,7 @@ class RangeRows:
         if self.count == 1:
             return [(0, np.arange(len(rows)))] if len(rows) else []
         if self.count == 2:  # a table on one server: a comparison, 3x faster than a search
-            upper = rows >= self.bounds[1]
-            return [(p, pos) for p, pos in enumerate((np.flatnonzero(~upper), np.flatnonzero(upper))) if len(pos)]
+            return group_by_partition(rows >= self.bounds[1])
         return group_by_partition(np.searchsorted(self.bounds[1:-1], rows, side="right"))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import multiverso_py as mv
+from multiverso_py.tables import kv
 from multiverso_py.testing import LocalCluster
 
 pytestmark = pytest.mark.usefixtures("no_scheduler_env")
@@ -152,6 +153,17 @@ def test_partitions_span_every_server(no_scheduler_env: None) -> None:
         table.add(keys, np.stack([keys, -keys], axis=1))
         np.testing.assert_array_equal(table.get(keys[::-1]), np.stack([keys, -keys], axis=1)[::-1])
         assert len(table) == 1000
+
+
+def test_a_two_partition_split_is_partition_of() -> None:
+    """A table on one server splits its keys by the mix's top bit: exactly partition_of's
+    answer for two partitions, so a server's shards get the keys partition_of names."""
+    keys = np.random.default_rng(3).integers(0, 2**64 - 1, 50_000, dtype=np.uint64, endpoint=True)
+    keys[:3] = [0, 2**63, 2**64 - 1]
+    groups = dict(kv.group_by_partition(kv.mix64(keys) >= kv._TOP_BIT))
+    owner = kv.partition_of(keys, 2)
+    for p in (0, 1):
+        np.testing.assert_array_equal(groups[p], np.flatnonzero(owner == p))
 
 
 def test_torch_keys_and_values(job: mv.Job) -> None:
