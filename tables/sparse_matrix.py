@@ -145,12 +145,11 @@ class SparseMatrixTable(MatrixTable):
         expected = self.shape if rows is None else (len(rows), self.num_cols)
         values = check_shape(as_array(delta, self.dtype, "delta"), expected, "delta")
         nonzero = arrayops.nonzero_rows(values)
-        if rows is None:
-            rows = nonzero
-        elif len(nonzero) < len(rows):
-            rows = rows[nonzero]
-        if len(nonzero) < len(values):  # every row non-zero (the usual case): no copy
+        if len(nonzero) < len(values):  # ship only those; all of them (the usual case): no copy
             values = np.take(values, nonzero, axis=0)
+            rows = nonzero if rows is None else rows[nonzero]
+        elif rows is None:
+            rows = nonzero
         self._info.stats.rows_sent += len(rows)
         return self._write_rows("add", values, rows, lr)
 
