@@ -38,6 +38,7 @@ from multiverso_py.tables.base import (
 from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64_int
 
 from multiverso_py import arrayops, context
+from multiverso_py.buffers import results
 from multiverso_py.errors import InvalidArgument
 from multiverso_py.updaters import Updater, call_args, make_updater
 
@@ -280,7 +281,7 @@ class KVTable(TableHandle):
 
     def get_async(self, keys: Any) -> Future:
         keys = as_keys(keys)
-        result = np.empty((len(keys), self.dim), dtype=self.dtype)
+        result = results.empty((len(keys), self.dim), self.dtype)
         row_bytes = self.dim * self.dtype.itemsize
         parts = [Part(p, arrays=[keys[pos]], positions=pos, reply_bytes=len(pos) * row_bytes)
                  for p, pos in self._split(keys)]

@@ -23,6 +23,7 @@ from multiverso_py.tables.base import (
 )
 
 from multiverso_py import arrayops
+from multiverso_py.buffers import results
 from multiverso_py.errors import IndexOutOfRange, InvalidArgument
 from multiverso_py.updaters import Updater, call_args, make_updater
 
@@ -249,9 +250,10 @@ class RangeTableHandle(TableHandle):
 
 
 def result_array(out: Optional[np.ndarray], shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """A new result array, or the caller's `out` once it is known to fit exactly."""
+    """A new result array (in reused memory if large), or the caller's `out` once it is
+    known to fit exactly."""
     if out is None:
-        return np.empty(shape, dtype)
+        return results.empty(shape, dtype)
     if not isinstance(out, np.ndarray) or out.dtype != dtype or out.shape != tuple(shape):
         got = f"{out.dtype}{list(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
         raise InvalidArgument(f"out= must be a {dtype}{list(shape)} numpy array, got {got}")

@@ -1,11 +1,12 @@
-"""The server's pool of receive buffers: reuse, bounds, and never a foreign array."""
+"""Reused large buffers: the server's receive buffers (reuse, bounds, never a foreign
+array) and a worker's result memory (reused only once no array sees it)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 import multiverso_py as mv
-from multiverso_py.buffers import MIN_BYTES, BufferPool
+from multiverso_py.buffers import MIN_BYTES, BufferPool, ResultMemory
 from multiverso_py.protocol import MsgType
 from multiverso_py.testing import LocalCluster
 
@@ -41,3 +42,38 @@ def test_pushes_through_reused_buffers_stay_exact() -> None:
             table.add(delta)
             total += delta
         np.testing.assert_array_equal(table.get(), total)
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def test_result_memory_is_reused_only_once_every_view_is_gone() -> None:
+    memory = ResultMemory(keep_bytes=8 << 20, min_bytes=1 << 20)
+    first = memory.empty((512, 1024), np.float32)  # 2 MiB
+    first[:] = 1.0
+    address = _address(first)
+    views = [first.reshape(-1)[::2], first[3:], first.T]  # each keeps the memory, not `first`
+    del first
+    assert memory._kept == 0
+    other = memory.empty((512, 1024), np.float32)
+    assert _address(other) != address  # still seen through the views: fresh memory
+    other[:] = 2.0
+    assert all((v == 1.0).all() for v in views)
+    del views
+    assert memory._kept == 2 << 20
+    again = memory.empty((1024, 512), np.float32)  # the same bytes in another shape
+    assert _address(again) == address and again.flags.writeable and again.flags.c_contiguous
+    assert memory._kept == 0
+
+
+def test_result_memory_is_bounded_and_leaves_small_arrays_to_numpy() -> None:
+    memory = ResultMemory(keep_bytes=3 << 20, min_bytes=1 << 20)
+    assert memory.empty((10,), np.float64).flags.owndata  # np.empty's own
+    results = [memory.empty((2 << 20,), np.uint8) for _ in range(3)]
+    del results
+    assert memory._kept == 2 << 20  # one 2 MiB block kept, the others unmapped
+    exported = memoryview(memory.empty((1 << 18,), np.float32))  # a consumer of the buffer keeps it
+    assert memory._kept == 2 << 20
+    del exported
+    assert memory._kept == 3 << 20
