@@ -83,7 +83,9 @@ def init(scheduler: Optional[str] = None, *, timeout: Optional[float] = None, co
         tls = load_tls().connect if target is not None else None
         io = LoopThread()
         shared_memory = os.environ.get("MV_SHARED_MEMORY", "1") != "0"  # 0: every array on the socket
-        client = Client(io, ClientConfig(timeout=timeout, auth=auth, tls=tls, shared_memory=shared_memory))
+        direct = os.environ.get("MV_DIRECT", "1") != "0"  # 0: every call through the I/O thread
+        client = Client(io, ClientConfig(timeout=timeout, auth=auth, tls=tls, shared_memory=shared_memory,
+                                         direct=direct))
         embedded = None
         try:
             if target is None:

@@ -1,11 +1,13 @@
 """The worker side: a session with the scheduler, a connection to every server, and the
 routing of table requests.
 
-Training code calls in from its own thread; all I/O runs on a LoopThread. A table call
+Training code calls in from its own thread; I/O runs on a LoopThread. A table call
 arrives as Parts (one per partition); the client groups them by owning server, sends
 every server its messages at once, and merges the replies, receiving large arrays
 straight into the result (or, from a server on this host, through a segment of shared
-memory lent with the request; see multiverso_py.shm). Each message carries (client id,
+memory lent with the request; see multiverso_py.shm). A synchronous call that is all
+this worker has outstanding and fits one message goes out and comes back on the
+caller's own thread instead (see multiverso_py.direct). Each message carries (client id,
 sequence number) so that a resent add is applied once. Every request has a deadline.
 """
 
@@ -14,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import ssl
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -26,7 +30,9 @@ from multiverso_py.acks import AddTracker
 from multiverso_py.auth import Auth
 from multiverso_py.batching import BATCH_BYTES, Batch, OpenBatches, chunk_messages, merge_adds, part_bytes, split_large
 from multiverso_py.control import ControlRequests, SendGate, heartbeat
-from multiverso_py.errors import ConnectionLost, MultiversoError, exception_for
+from multiverso_py.direct import DirectLink, LinkBroken
+from multiverso_py.errors import ConnectionLost, MultiversoError, RequestTimeout, exception_for
+from multiverso_py.consistency import wait_hint
 from multiverso_py.interruptions import Interruptions
 from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, described_lengths, pack_parts, unpack_parts
 from multiverso_py.shm import Segment, WorkerLinks, views
@@ -77,6 +83,7 @@ class ClientConfig:
     auth: Optional[Auth] = None  # the job's token, when it has one
     tls: Optional[ssl.SSLContext] = None  # verifies the scheduler's and servers' certificates
     shared_memory: bool = True  # large arrays to and from servers on this host go through shared memory
+    direct: bool = True  # synchronous calls on the caller's thread where they can (multiverso_py.direct)
 
 
 class Client(Interruptions):
@@ -105,6 +112,14 @@ class Client(Interruptions):
         self._gate = SendGate()
         self._recovery = False  # the job replaces dead servers: wait for them instead of failing
         self.shared_memory = WorkerLinks(config.shared_memory)
+        self._synchronous = threading.local()  # .on: the caller's thread is in call()
+        self._unfinished = 0  # calls started and not done: a direct call needs to be the only one
+        self._unfinished_lock = threading.Lock()
+        self._links: dict[int, DirectLink] = {}  # server -> the caller's-thread connection to it
+        self._no_link: set[str] = set()  # server addresses a link could not reach
+        self._link_lock = threading.Lock()  # one thread's direct call at a time
+        self._direct_add = False  # a direct add is in flight: a pause must wait for its ack
+        self.direct_calls = 0  # calls that went out on the caller's thread, for tests and benchmarks
 
     # ------------------------------------------------------------ life cycle (any thread)
     def start(self, scheduler: tuple[str, int], rank: Optional[int] = None, local: Optional[Any] = None) -> None:
@@ -117,6 +132,10 @@ class Client(Interruptions):
         try:
             self.flush()
         finally:
+            with self._link_lock:
+                for link in self._links.values():
+                    link.close()
+                self._links.clear()
             self.io.run(self._leave(), self.timeout + 5)
 
     def flush(self) -> None:
@@ -157,11 +176,27 @@ class Client(Interruptions):
     def table_ready(self, info: TableInfo) -> None:
         self.control(MsgType.TABLE_READY, {"table": info.table_id}, f"table {info.name!r} ready")
 
+    def call(self, start: Callable[[], Future]) -> Any:
+        """A synchronous call: start it (a table's submit) and wait for its outcome. The
+        submit may run the whole call on this thread (see multiverso_py.direct)."""
+        self._synchronous.on = True
+        try:
+            future = start()
+        finally:
+            self._synchronous.on = False
+        return self.wait(future)
+
     def submit(self, op: str, info: TableInfo, parts: list[Part], on_reply: Optional[OnReply], result: Any,
                finish: Optional[Callable[[Any], Any]] = None) -> Future:
         """Start a table call from the caller's thread. A small add joins its table's open
         batch; anything else closes that batch first, so one table's calls take effect in
         the order issued."""
+        if self.config.direct and getattr(self._synchronous, "on", False) and self.config.tls is None:
+            call = self._new_op(op, info, on_reply, result, finish)
+            if not self._call_direct(call, parts):
+                self._batches.close(info.table_id)
+                self.io.call_soon(self._send_op, call, parts)
+            return call.future
         nbytes = sum(part_bytes(p) for p in parts) if op == "add" else BATCH_BYTES
         if nbytes < BATCH_BYTES:
             return self._batches.join(info.table_id, parts, nbytes, lambda: self._open_batch(info)).call.future
@@ -178,12 +213,95 @@ class Client(Interruptions):
     def _new_op(self, op: str, info: TableInfo, on_reply: Optional[OnReply], result: Any,
                 finish: Optional[Callable[[Any], Any]]) -> _Op:
         call = _Op(op, info, Future(), on_reply, result, finish)
+        with self._unfinished_lock:
+            self._unfinished += 1
+        call.future.add_done_callback(self._finished)
         if op != "get":
             self._acks.track(call.future)
         return call
 
+    def _finished(self, _: Future) -> None:
+        with self._unfinished_lock:
+            self._unfinished -= 1
+
     def wait(self, future: Future) -> Any:
         return self._acks.wait(future)
+
+    # ------------------------------------------------------------ on the caller's thread
+    def _call_direct(self, call: _Op, parts: list[Part]) -> bool:
+        """Run a call on this thread if it is all this worker has outstanding (so nothing
+        can be overtaken) and is one message to one reachable server; False if not."""
+        if self._unfinished != 1 or self._gate.paused or self._leaving:
+            return False
+        messages = self._messages(call, parts)
+        if len(messages) != 1:
+            return False
+        sid, group = messages[0]
+        conn = self._conns.get(sid)
+        if sid in self._gate.down or not isinstance(conn, Connection) or conn.closed:  # in-process: no socket
+            return False
+        if not self._link_lock.acquire(blocking=False):  # another thread's direct call
+            return False
+        try:
+            link = self._link(sid)
+            if link is None:
+                return False
+            self._direct_add = call.name != "get"
+            if self._gate.paused:  # a pause came in: it either sees the flag or we see it
+                return False
+            call.left = 1
+            self._exchange(call, sid, group, link)
+            return True
+        finally:
+            self._direct_add = False
+            self._link_lock.release()
+
+    def _link(self, sid: int) -> Optional[DirectLink]:
+        address = self.servers[sid]
+        link = self._links.get(sid)
+        if link is not None and link.address != address:  # the server was replaced
+            link.close()
+            link = None
+        if link is None and address not in self._no_link:
+            try:
+                link = self._links[sid] = DirectLink(address, self.config.auth, self.config.limits)
+            except (MultiversoError, OSError) as exc:
+                log.info("synchronous calls to server %s go through the I/O thread: %s", sid, exc)
+                self._no_link.add(address)
+        return link
+
+    def _exchange(self, call: _Op, sid: int, parts: list[Part], link: DirectLink) -> None:
+        """Send one message on the link and handle its reply as the I/O thread would. A
+        broken link hands the message to the I/O thread: as it was if it may have been
+        applied, so that the server skips it then."""
+        seq = next(self._seq)
+        body, buffers, segment, dest = self._message(call, sid, parts, seq)
+        pending = _Pending(call, sid, parts, time.monotonic() + self.timeout, seq, dest, segment)
+        self.direct_calls += 1
+        try:
+            frame = link.exchange(_OPS[call.name], next(self._req_ids), body, buffers, dest, self.timeout)
+        except (socket.timeout, LinkBroken) as exc:
+            link.close()
+            del self._links[sid]
+            if segment is not None:
+                self.shared_memory.drop(segment)  # the server may still write into it
+            if isinstance(exc, socket.timeout):
+                self._fail(call, self._timeout_error(pending))
+            else:
+                log.info("link to server %s broke (%s); resending through the I/O thread", sid, exc)
+                self.io.call_soon(self._send_message, call, sid, parts, seq if exc.sent else None)
+            return
+        try:
+            self._answered(pending, frame)
+        finally:
+            if segment is not None:
+                self.shared_memory.give_back(segment)
+
+    def _timeout_error(self, pending: _Pending) -> RequestTimeout:
+        call = pending.op
+        return RequestTimeout(f"{call.name} on table {call.info.name!r}: no reply from server {pending.server} "
+                              f"({self.servers[pending.server]}) within {self.timeout}s"
+                              f"{wait_hint(call.name, call.info.spec.consistency)}")
 
     # ------------------------------------------------------------ on the loop
     async def _start(self, scheduler: tuple[str, int], rank: Optional[int], local: Optional[Any]) -> None:
@@ -236,15 +354,20 @@ class Client(Interruptions):
         messages to the servers that own them."""
         if call.future.done():
             return
-        by_server: dict[int, list[Part]] = {}
-        for part in split_large(parts):
-            by_server.setdefault(call.info.owners[part.pid], []).append(part)
-        messages = [(sid, group) for sid, server_parts in by_server.items() for group in chunk_messages(server_parts)]
+        messages = self._messages(call, parts)
         call.left += len(messages) - resent
         if not messages:
             self._complete(call)
         for sid, group in messages:
             self._send_message(call, sid, group)
+
+    @staticmethod
+    def _messages(call: _Op, parts: list[Part]) -> list[tuple[int, list[Part]]]:
+        """A call's parts as bounded messages: (server, parts) each."""
+        by_server: dict[int, list[Part]] = {}
+        for part in split_large(parts):
+            by_server.setdefault(call.info.owners[part.pid], []).append(part)
+        return [(sid, group) for sid, server_parts in by_server.items() for group in chunk_messages(server_parts)]
 
     def _send_batch(self, table_id: int, batch: Batch) -> None:
         """Close a batch (later adds start a new one) and send it, merged where the updater
@@ -255,19 +378,27 @@ class Client(Interruptions):
         self._send_op(batch.call, merge_adds(batch.parts) if is_additive(spec.updater) else batch.parts)
 
     def _send_message(self, call: _Op, sid: int, parts: list[Part], seq: Optional[int] = None) -> None:
-        if seq is None and self._gate.hold((call, sid, parts)):  # a resend was in flight already: never held
+        # A resend (seq given) was in flight already: never held by a pause, but held while
+        # its server is down (one that a broken direct link hands over, say).
+        if (seq is None or sid in self._gate.down) and self._gate.hold((call, sid, parts, seq)):
             return
         conn = self._conns.get(sid)
-        info = call.info
         if conn is None or conn.closed:
-            self._fail(call, ConnectionLost(f"{call.name} on table {info.name!r}: server {sid} "
+            self._fail(call, ConnectionLost(f"{call.name} on table {call.info.name!r}: server {sid} "
                                             f"({self.servers.get(sid, '?')}) is not connected"))
             return
         req_id = next(self._req_ids)
-        dest = None
-        if all(p.dest is not None for p in parts):
-            dest = [d for p in parts for d in p.dest]
         seq = next(self._seq) if seq is None else seq
+        body, buffers, segment, dest = self._message(call, sid, parts, seq)
+        self._pending[req_id] = _Pending(call, sid, parts, time.monotonic() + self.timeout, seq, dest, segment)
+        conn.send(_OPS[call.name], req_id, body, buffers)
+
+    def _message(self, call: _Op, sid: int, parts: list[Part],
+                 seq: int) -> tuple[dict, list[memoryview], Optional[Segment], Optional[list[memoryview]]]:
+        """One message's body and buffers, the segment lent with it, and where its reply's
+        arrays go (when every part says)."""
+        info = call.info
+        dest = [d for p in parts for d in p.dest] if all(p.dest is not None for p in parts) else None
         body_parts, buffers = pack_parts([(p.pid, p.args, p.arrays) for p in parts])
         body = {"table": info.table_id, "client": self.worker_id, "seq": seq,
                 "map": info.map_version, "parts": body_parts}
@@ -277,8 +408,7 @@ class Client(Interruptions):
         if segment is not None:
             body["shm"] = segment.wire()  # a get's reply goes there; an add's arrays are there already
             buffers = buffers if call.name == "get" else []
-        self._pending[req_id] = _Pending(call, sid, parts, time.monotonic() + self.timeout, seq, dest, segment)
-        conn.send(_OPS[call.name], req_id, body, buffers)
+        return body, buffers, segment, dest
 
     def _complete(self, call: _Op) -> None:
         if call.future.done():
@@ -324,7 +454,7 @@ class Client(Interruptions):
         if frame.type is MsgType.ERROR:
             self._fail(call, exception_for(frame.body["code"], f"{self._where(pending)}: {frame.body['message']}"))
         elif frame.type is MsgType.MOVED:
-            asyncio.get_running_loop().create_task(self._resend_moved(pending))
+            self.io.submit(self._resend_moved(pending))  # from the loop or a direct call
         else:
             try:
                 self._merge(pending, frame)

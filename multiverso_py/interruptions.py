@@ -10,8 +10,7 @@ import logging
 import time
 from typing import Any, Optional
 
-from multiverso_py.consistency import wait_hint
-from multiverso_py.errors import ConnectionLost, ErrorCode, MultiversoError, RequestTimeout
+from multiverso_py.errors import ConnectionLost, ErrorCode, MultiversoError
 from multiverso_py.protocol import MsgType
 from multiverso_py.transport import Connection, open_connection
 
@@ -24,6 +23,8 @@ class Interruptions:
     _scheduler: Any
     _pending: dict
     _gate: Any
+    _direct_add: bool  # an add in flight on the caller's thread (multiverso_py.direct)
+    _links: dict  # server -> its DirectLink
 
     def checkpoint(self, path: str) -> str:
         """Flush this worker's adds, then have the scheduler take a checkpoint (it pauses
@@ -37,7 +38,7 @@ class Interruptions:
 
         async def answer_when_quiet() -> None:
             deadline = time.monotonic() + self.timeout
-            while any(p.op.name != "get" for p in self._pending.values()):
+            while self._direct_add or any(p.op.name != "get" for p in self._pending.values()):
                 if time.monotonic() > deadline:
                     return self._scheduler.send_error(req_id, ErrorCode.TIMEOUT, f"worker {self.worker_id}: adds "
                                                       f"still unacknowledged after {self.timeout}s")
@@ -77,6 +78,9 @@ class Interruptions:
                 log.error("lost the connection to the scheduler")
             return
         sid = conn.context
+        link = self._links.get(sid)
+        if link is not None:
+            link.interrupt()  # a direct call waiting on it fails over to this connection's fate
         if self._recovery and not self._leaving:
             self._gate.down.add(sid)  # its requests wait (within their deadlines) for a replacement
             log.warning("lost server %s; waiting for its replacement", sid)
@@ -101,10 +105,7 @@ class Interruptions:
                 if pending.deadline > now:
                     break
                 self._abandon(req_id)
-                call = pending.op
-                self._fail(call, RequestTimeout(
-                    f"{call.name} on table {call.info.name!r}: no reply from server {pending.server} "
-                    f"({self.servers[pending.server]}) within {self.timeout}s{wait_hint(call.name, call.info.spec.consistency)}"))
+                self._fail(pending.op, self._timeout_error(pending))
 
     def _abandon(self, req_id: int) -> Any:
         """Stop waiting for a message's reply. Its segment is never reused: the server may

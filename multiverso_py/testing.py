@@ -17,10 +17,13 @@ import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
+__all__ = ["LocalCluster", "raw_connection", "read_frame", "wait_for", "run_job", "job_report"]
+
 from multiverso_py.auth import Auth
+from multiverso_py.direct import read_frame
 from multiverso_py.framing import FrameReader, encode_bytes
 from multiverso_py.launcher import Children, start_nodes, worker_env
-from multiverso_py.protocol import Frame, MsgType
+from multiverso_py.protocol import MsgType
 from multiverso_py.transport import parse_address
 
 
@@ -95,18 +98,6 @@ def raw_connection(address: str, timeout: float = 10.0, auth: Optional[Auth] = N
         if answer.type is not MsgType.REPLY:
             raise AssertionError(f"authentication refused: {answer.body}")
     return sock
-
-
-def read_frame(sock: socket.socket, reader: FrameReader) -> Frame:
-    """The next frame from a blocking socket (its timeout bounds the wait), where the peer
-    sends one frame and waits for an answer, as in the handshake."""
-    while True:
-        data = sock.recv(1 << 16)
-        if not data:
-            raise ConnectionError("the peer closed the connection")
-        frames = reader.feed(data)
-        if frames:
-            return frames[0]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:

@@ -48,7 +48,7 @@ class ArrayTable(RangeTableHandle):
 
     def get(self, indices: Any = None, *, out: Optional[np.ndarray] = None) -> np.ndarray:
         """The whole tensor, or the values at flat `indices`; into `out` when given."""
-        return self._wait(self.get_async(indices, out=out))
+        return self._call(self.get_async, indices, out=out)
 
     def add_async(self, delta: Any, indices: Any = None, *, lr: Optional[float] = None) -> Future:
         values, index = self._delta(delta, indices)
@@ -57,7 +57,7 @@ class ArrayTable(RangeTableHandle):
     def add(self, delta: Any, indices: Any = None, *, lr: Optional[float] = None) -> None:
         """Push `delta` (the whole tensor, or values at flat `indices`) through the table's
         updater; `lr` replaces the table's learning rate for this add."""
-        self._wait(self.add_async(delta, indices, lr=lr))
+        self._call(self.add_async, delta, indices, lr=lr)
 
     def add_get_async(self, delta: Any, indices: Any = None, *, lr: Optional[float] = None,
                       out: Optional[np.ndarray] = None) -> Future:
@@ -69,7 +69,7 @@ class ArrayTable(RangeTableHandle):
         """add(delta, indices, lr=lr) and then get(indices, out=out), in one round trip
         to each server on an async table: the push-pull of a training step. Returns the
         values right after this add (and any earlier one)."""
-        return self._wait(self.add_get_async(delta, indices, lr=lr, out=out))
+        return self._call(self.add_get_async, delta, indices, lr=lr, out=out)
 
     def _delta(self, delta: Any, indices: Any) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """An add's validated values (flat) and flat indices (None for the whole tensor)."""

@@ -120,6 +120,10 @@ class Runtime(Protocol):
 
     def wait(self, future: Future) -> Any: ...
 
+    def call(self, start: Callable[[], Future]) -> Any:
+        """start() submits a call; wait for it (the runtime may run it on this thread)."""
+        ...
+
 
 # ---------------------------------------------------------------- input validation
 
@@ -225,6 +229,11 @@ class TableHandle:
 
     def _wait(self, future: Future) -> Any:
         return self._runtime.wait(future)
+
+    def _call(self, start: Callable[..., Future], *args: Any, **kwargs: Any) -> Any:
+        """The outcome of start(*args, **kwargs), an async method of this table, called
+        synchronously: the runtime may then send and receive on the caller's thread."""
+        return self._runtime.call(lambda: start(*args, **kwargs))
 
     def __repr__(self) -> str:
         s = self._info.spec

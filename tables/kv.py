@@ -289,7 +289,7 @@ class KVTable(TableHandle):
 
     def get(self, keys: Any) -> np.ndarray:
         """The rows of `keys`, in their order (repeats allowed)."""
-        return self._wait(self.get_async(keys))
+        return self._call(self.get_async, keys)
 
     def add_async(self, keys: Any, values: Any, *, lr: Optional[float] = None) -> Future:
         args = call_args(self._info.spec.updater, lr)
@@ -306,14 +306,14 @@ class KVTable(TableHandle):
     def add(self, keys: Any, values: Any, *, lr: Optional[float] = None) -> None:
         """Push `values` into the rows of `keys` through the table's updater (repeated keys
         sum); `lr` replaces the table's learning rate for this add."""
-        self._wait(self.add_async(keys, values, lr=lr))
+        self._call(self.add_async, keys, values, lr=lr)
 
     def len_async(self) -> Future:
         parts = [Part(p, args={"op": "len"}) for p in range(self.num_partitions)]
         return self._submit("get", parts, _count, [0])
 
     def __len__(self) -> int:
-        return self._wait(self.len_async())[0]
+        return self._call(self.len_async)[0]
 
 
 

@@ -47,7 +47,7 @@ class MatrixTable(RangeTableHandle):
 
     def get(self, row_ids: Any = None, *, out: Optional[np.ndarray] = None) -> np.ndarray:
         """All rows, or the rows `row_ids` in that order; into `out` when given."""
-        return self._wait(self.get_async(row_ids, out=out))
+        return self._call(self.get_async, row_ids, out=out)
 
     def add_async(self, delta: Any, row_ids: Any = None, *, lr: Optional[float] = None) -> Future:
         rows = self._rows(row_ids)
@@ -58,4 +58,4 @@ class MatrixTable(RangeTableHandle):
     def add(self, delta: Any, row_ids: Any = None, *, lr: Optional[float] = None) -> None:
         """Push `delta` (all rows, or the rows `row_ids`) through the table's updater; `lr`
         replaces the table's learning rate for this add."""
-        self._wait(self.add_async(delta, row_ids, lr=lr))
+        self._call(self.add_async, delta, row_ids, lr=lr)

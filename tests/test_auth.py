@@ -83,9 +83,10 @@ def test_a_worker_with_the_token_works_and_others_are_refused(secured: testing.L
     with pytest.raises(mv.AuthFailed, match="authentication failed"):
         mv.init(secured.address, timeout=10)
     monkeypatch.setenv("MV_AUTH_TOKEN", TOKEN)
-    with mv.init(secured.address, timeout=10):
+    with mv.init(secured.address, timeout=10) as job:
         table = mv.ArrayTable(4, name="t")
         table.add(np.ones(4))
+        assert job.client.direct_calls == 1  # the caller's own link authenticated too (multiverso_py.direct)
         server = secured.server_address(0)
         # while the worker runs, peers without the token try the server in every way
         for attempt in (
