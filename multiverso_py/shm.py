@@ -205,6 +205,7 @@ class WorkerLinks:
         self.pool = SegmentPool(min(KEEP_BYTES, share))
         self._servers: set[int] = set()
         self._lent = 0
+        self._lent_lock = threading.Lock()  # lent from the I/O thread and from direct calls
         self.moved_bytes = 0  # array bytes that went through shared memory instead of a socket
 
     async def probe(self, server: int, ask: Callable[[dict], Awaitable[Any]]) -> bool:
@@ -247,15 +248,18 @@ class WorkerLinks:
             return None
         # an estimated reply leaves room to align up to two arrays a part
         size = segment_bytes(layout(lengths)[1] if exact else payload + 2 * ALIGN * len(parts))
-        if self._lent + size > self.lent_bytes:
-            return None
+        with self._lent_lock:
+            if self._lent + size > self.lent_bytes:
+                return None
+            self._lent += size
         try:
             segment = self.pool.take(size)
         except OSError as exc:  # /dev/shm is full, say: stop trying
             log.warning("cannot create shared memory (%s); large arrays go on the socket from now on", exc)
             self.enabled, self._servers = False, set()
+            self._returned(size)
             return None
-        self._lent += segment.size
+        self._returned(size - segment.size)  # a pooled segment may be larger than asked for
         self.moved_bytes += payload
         if op != "get":
             copy_in(segment.buf, buffers)
@@ -263,14 +267,18 @@ class WorkerLinks:
 
     def give_back(self, segment: Segment) -> None:
         """The server replied: it is done with the segment."""
-        self._lent -= segment.size
+        self._returned(segment.size)
         self.pool.give_back(segment)
 
     def drop(self, segment: Segment) -> None:
         """No reply is coming (a timeout, a lost server): a server may still write into
         the segment, so it is never reused."""
-        self._lent -= segment.size
+        self._returned(segment.size)
         segment.close()
+
+    def _returned(self, size: int) -> None:
+        with self._lent_lock:
+            self._lent -= size
 
     def close(self) -> None:
         self.pool.close()
