@@ -9,6 +9,7 @@ SGD (or SSP/BSP, by the tables' consistency model).
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
@@ -159,10 +160,12 @@ class PSOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._wait_pushes()  # their buffers are about to be refilled (done long ago: pulls came after them)
         self._land()  # with overlap: the previous step's pull, which had a whole step to arrive
+        # One table and nothing to overlap: its round trip may run on this thread (multiverso_py.direct)
+        alone = not self.overlap and sum(map(len, self._slots)) == 1
         for index, (group, slots) in enumerate(zip(self.param_groups, self._slots)):
             self._check_unchanged(index, group)
             for slot in slots:
-                self._push_pull(slot, group)
+                self._push_pull(slot, group, alone)
         if not self.overlap:
             self._land()
             self._wait_pushes()
@@ -181,16 +184,18 @@ class PSOptimizer(torch.optim.Optimizer):
     def _all_slots(self) -> list[_Slot]:
         return [slot for slots in self._slots for slot in slots]
 
-    def _push_pull(self, slot: _Slot, group: dict) -> None:
+    def _push_pull(self, slot: _Slot, group: dict, alone: bool = False) -> None:
         """Push a slot's gradients and start the pull of its weights: one round trip when
         every parameter has a gradient (add_get: the server updates, then replies with
-        the new weights), an add of those that have one and a get otherwise."""
+        the new weights; synchronous when `alone`), an add of those that have one and a
+        get otherwise."""
         grads = [_gradient(p, group["weight_decay"]) for p in slot.params]
         present = [g is not None for g in grads]
         flat = slot.grads.gather(grads) if any(present) else None  # sent without copying; untouched until done
         if all(present):
             slot.weights.wait_copies_out()
-            self._pulls.append((slot, slot.table.add_get_async(flat, lr=group["lr"], out=slot.weights.array)))
+            add_get = functools.partial(slot.table.add_get_async, flat, lr=group["lr"], out=slot.weights.array)
+            self._pulls.append((slot, _completed(slot.table._call(add_get)) if alone else add_get()))
             return
         if flat is not None:
             index = slot.grads.indices_of(present)  # only the parameters that have gradients
@@ -276,6 +281,12 @@ def _check_per_step(group: dict) -> None:
         raise InvalidArgument(f"lr must be a number > 0, got {lr!r}")
     if not isinstance(decay, (int, float)) or isinstance(decay, bool) or decay < 0:
         raise InvalidArgument(f"weight_decay must be a number >= 0, got {decay!r}")
+
+
+def _completed(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _gradient(p: torch.Tensor, weight_decay: float) -> Optional[torch.Tensor]:
