@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import socket
 import ssl
-import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -30,11 +28,10 @@ from multiverso_py.acks import AddTracker
 from multiverso_py.auth import Auth
 from multiverso_py.batching import BATCH_BYTES, Batch, OpenBatches, chunk_messages, merge_adds, part_bytes, split_large
 from multiverso_py.control import ControlRequests, SendGate, heartbeat
-from multiverso_py.direct import DirectLink, LinkBroken
-from multiverso_py.errors import ConnectionLost, MultiversoError, RequestTimeout, exception_for
-from multiverso_py.consistency import wait_hint
+from multiverso_py.direct import DirectCalls
+from multiverso_py.errors import ConnectionLost, MultiversoError, exception_for
 from multiverso_py.interruptions import Interruptions
-from multiverso_py.protocol import DEFAULT_LIMITS, Frame, Limits, MsgType, described_lengths, pack_parts, unpack_parts
+from multiverso_py.protocol import DEFAULT_LIMITS, TABLE_OPS, Frame, Limits, MsgType, described_lengths, pack_parts, unpack_parts
 from multiverso_py.shm import Segment, WorkerLinks, views
 from multiverso_py.tables.base import OnReply, Part, TableInfo, TableSpec
 from multiverso_py.transport import Connection, LoopThread, open_connection
@@ -43,7 +40,6 @@ from multiverso_py.updaters import is_additive
 log = logging.getLogger(__name__)
 
 MAX_MOVED_RETRIES = 5
-_OPS = {"get": MsgType.GET, "add": MsgType.ADD, "set": MsgType.SET, "add_get": MsgType.ADD_GET}
 _FROM_SCHEDULER = frozenset({MsgType.PAUSE, MsgType.RESUME, MsgType.SERVER_MOVED, MsgType.SERVER_LOST,
                              MsgType.WORKER_LEFT, MsgType.WORKER_JOINED})  # what it tells a worker unasked
 
@@ -86,7 +82,7 @@ class ClientConfig:
     direct: bool = True  # synchronous calls on the caller's thread where they can (multiverso_py.direct)
 
 
-class Client(Interruptions):
+class Client(Interruptions, DirectCalls):
     """Implements the Runtime interface that table handles use."""
 
     def __init__(self, io: LoopThread, config: ClientConfig = ClientConfig()):
@@ -112,14 +108,7 @@ class Client(Interruptions):
         self._gate = SendGate()
         self._recovery = False  # the job replaces dead servers: wait for them instead of failing
         self.shared_memory = WorkerLinks(config.shared_memory)
-        self._synchronous = threading.local()  # .on: the caller's thread is in call()
-        self._unfinished = 0  # calls started and not done: a direct call needs to be the only one
-        self._unfinished_lock = threading.Lock()
-        self._links: dict[int, DirectLink] = {}  # server -> the caller's-thread connection to it
-        self._no_link: set[str] = set()  # server addresses a link could not reach
-        self._link_lock = threading.Lock()  # one thread's direct call at a time
-        self._direct_add = False  # a direct add is in flight: a pause must wait for its ack
-        self.direct_calls = 0  # calls that went out on the caller's thread, for tests and benchmarks
+        self._init_direct()
 
     # ------------------------------------------------------------ life cycle (any thread)
     def start(self, scheduler: tuple[str, int], rank: Optional[int] = None, local: Optional[Any] = None) -> None:
@@ -132,10 +121,7 @@ class Client(Interruptions):
         try:
             self.flush()
         finally:
-            with self._link_lock:
-                for link in self._links.values():
-                    link.close()
-                self._links.clear()
+            self._close_links()
             self.io.run(self._leave(), self.timeout + 5)
 
     def flush(self) -> None:
@@ -176,22 +162,12 @@ class Client(Interruptions):
     def table_ready(self, info: TableInfo) -> None:
         self.control(MsgType.TABLE_READY, {"table": info.table_id}, f"table {info.name!r} ready")
 
-    def call(self, start: Callable[[], Future]) -> Any:
-        """A synchronous call: start it (a table's submit) and wait for its outcome. The
-        submit may run the whole call on this thread (see multiverso_py.direct)."""
-        self._synchronous.on = True
-        try:
-            future = start()
-        finally:
-            self._synchronous.on = False
-        return self.wait(future)
-
     def submit(self, op: str, info: TableInfo, parts: list[Part], on_reply: Optional[OnReply], result: Any,
                finish: Optional[Callable[[Any], Any]] = None) -> Future:
         """Start a table call from the caller's thread. A small add joins its table's open
         batch; anything else closes that batch first, so one table's calls take effect in
         the order issued."""
-        if self.config.direct and getattr(self._synchronous, "on", False) and self.config.tls is None:
+        if self._may_call_directly():
             call = self._new_op(op, info, on_reply, result, finish)
             if not self._call_direct(call, parts):
                 self._batches.close(info.table_id)
@@ -213,95 +189,13 @@ class Client(Interruptions):
     def _new_op(self, op: str, info: TableInfo, on_reply: Optional[OnReply], result: Any,
                 finish: Optional[Callable[[Any], Any]]) -> _Op:
         call = _Op(op, info, Future(), on_reply, result, finish)
-        with self._unfinished_lock:
-            self._unfinished += 1
-        call.future.add_done_callback(self._finished)
+        self._started(call.future)
         if op != "get":
             self._acks.track(call.future)
         return call
 
-    def _finished(self, _: Future) -> None:
-        with self._unfinished_lock:
-            self._unfinished -= 1
-
     def wait(self, future: Future) -> Any:
         return self._acks.wait(future)
-
-    # ------------------------------------------------------------ on the caller's thread
-    def _call_direct(self, call: _Op, parts: list[Part]) -> bool:
-        """Run a call on this thread if it is all this worker has outstanding (so nothing
-        can be overtaken) and is one message to one reachable server; False if not."""
-        if self._unfinished != 1 or self._gate.paused or self._leaving:
-            return False
-        messages = self._messages(call, parts)
-        if len(messages) != 1:
-            return False
-        sid, group = messages[0]
-        conn = self._conns.get(sid)
-        if sid in self._gate.down or not isinstance(conn, Connection) or conn.closed:  # in-process: no socket
-            return False
-        if not self._link_lock.acquire(blocking=False):  # another thread's direct call
-            return False
-        try:
-            link = self._link(sid)
-            if link is None:
-                return False
-            self._direct_add = call.name != "get"
-            if self._gate.paused:  # a pause came in: it either sees the flag or we see it
-                return False
-            call.left = 1
-            self._exchange(call, sid, group, link)
-            return True
-        finally:
-            self._direct_add = False
-            self._link_lock.release()
-
-    def _link(self, sid: int) -> Optional[DirectLink]:
-        address = self.servers[sid]
-        link = self._links.get(sid)
-        if link is not None and link.address != address:  # the server was replaced
-            link.close()
-            link = None
-        if link is None and address not in self._no_link:
-            try:
-                link = self._links[sid] = DirectLink(address, self.config.auth, self.config.limits)
-            except (MultiversoError, OSError) as exc:
-                log.info("synchronous calls to server %s go through the I/O thread: %s", sid, exc)
-                self._no_link.add(address)
-        return link
-
-    def _exchange(self, call: _Op, sid: int, parts: list[Part], link: DirectLink) -> None:
-        """Send one message on the link and handle its reply as the I/O thread would. A
-        broken link hands the message to the I/O thread: as it was if it may have been
-        applied, so that the server skips it then."""
-        seq = next(self._seq)
-        body, buffers, segment, dest = self._message(call, sid, parts, seq)
-        pending = _Pending(call, sid, parts, time.monotonic() + self.timeout, seq, dest, segment)
-        self.direct_calls += 1
-        try:
-            frame = link.exchange(_OPS[call.name], next(self._req_ids), body, buffers, dest, self.timeout)
-        except (socket.timeout, LinkBroken) as exc:
-            link.close()
-            del self._links[sid]
-            if segment is not None:
-                self.shared_memory.drop(segment)  # the server may still write into it
-            if isinstance(exc, socket.timeout):
-                self._fail(call, self._timeout_error(pending))
-            else:
-                log.info("link to server %s broke (%s); resending through the I/O thread", sid, exc)
-                self.io.call_soon(self._send_message, call, sid, parts, seq if exc.sent else None)
-            return
-        try:
-            self._answered(pending, frame)
-        finally:
-            if segment is not None:
-                self.shared_memory.give_back(segment)
-
-    def _timeout_error(self, pending: _Pending) -> RequestTimeout:
-        call = pending.op
-        return RequestTimeout(f"{call.name} on table {call.info.name!r}: no reply from server {pending.server} "
-                              f"({self.servers[pending.server]}) within {self.timeout}s"
-                              f"{wait_hint(call.name, call.info.spec.consistency)}")
 
     # ------------------------------------------------------------ on the loop
     async def _start(self, scheduler: tuple[str, int], rank: Optional[int], local: Optional[Any]) -> None:
@@ -388,15 +282,12 @@ class Client(Interruptions):
                                             f"({self.servers.get(sid, '?')}) is not connected"))
             return
         req_id = next(self._req_ids)
-        seq = next(self._seq) if seq is None else seq
-        body, buffers, segment, dest = self._message(call, sid, parts, seq)
-        self._pending[req_id] = _Pending(call, sid, parts, time.monotonic() + self.timeout, seq, dest, segment)
-        conn.send(_OPS[call.name], req_id, body, buffers)
+        body, buffers, self._pending[req_id] = self._message(call, sid, parts, next(self._seq) if seq is None else seq)
+        conn.send(TABLE_OPS[call.name], req_id, body, buffers)
 
-    def _message(self, call: _Op, sid: int, parts: list[Part],
-                 seq: int) -> tuple[dict, list[memoryview], Optional[Segment], Optional[list[memoryview]]]:
-        """One message's body and buffers, the segment lent with it, and where its reply's
-        arrays go (when every part says)."""
+    def _message(self, call: _Op, sid: int, parts: list[Part], seq: int) -> tuple[dict, list[memoryview], _Pending]:
+        """One message's body and buffers, and what its reply is waited for with (the
+        segment lent with it, where its arrays go when every part says)."""
         info = call.info
         dest = [d for p in parts for d in p.dest] if all(p.dest is not None for p in parts) else None
         body_parts, buffers = pack_parts([(p.pid, p.args, p.arrays) for p in parts])
@@ -408,7 +299,7 @@ class Client(Interruptions):
         if segment is not None:
             body["shm"] = segment.wire()  # a get's reply goes there; an add's arrays are there already
             buffers = buffers if call.name == "get" else []
-        return body, buffers, segment, dest
+        return body, buffers, _Pending(call, sid, parts, time.monotonic() + self.timeout, seq, dest, segment)
 
     def _complete(self, call: _Op) -> None:
         if call.future.done():

@@ -10,20 +10,26 @@ nothing else of this worker is in flight; everything else (async calls, batches,
 the embedded job's in-process server, pauses and lost servers) takes the I/O thread.
 
 A DirectLink is one such socket: it speaks the same frames, handshake included, and the
-server sees just another connection of this worker.
+server sees just another connection of this worker. DirectCalls is the Client's part
+that decides when a call may take it.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
+import threading
 import time
-from typing import Optional, Sequence
+from concurrent.futures import Future
+from typing import Any, Callable, Optional, Sequence
 
 from multiverso_py.auth import Auth
-from multiverso_py.errors import AuthFailed, ConnectFailed, ProtocolError
+from multiverso_py.errors import AuthFailed, ConnectFailed, MultiversoError, ProtocolError
 from multiverso_py.framing import FrameReader, encode
-from multiverso_py.protocol import DEFAULT_LIMITS, HANDSHAKE_LIMITS, Frame, Limits, MsgType
-from multiverso_py.transport import parse_address
+from multiverso_py.protocol import DEFAULT_LIMITS, HANDSHAKE_LIMITS, TABLE_OPS, Frame, Limits, MsgType
+from multiverso_py.transport import Connection, parse_address
+
+log = logging.getLogger("multiverso_py.client")
 
 CONNECT_TIMEOUT = 5.0  # a server on the job's network answers at once, or not at all
 
@@ -153,3 +159,130 @@ class DirectLink:
 
     def close(self) -> None:
         self._sock.close()
+
+
+class DirectCalls:
+    """Mixed into Client: its synchronous calls on the caller's thread. Uses the client's
+    connections (to see which servers are reachable by socket), its send gate, pending
+    calls and message building; a link broken mid-call hands the message back to it."""
+
+    _conns: dict
+    _gate: Any
+    _leaving: bool
+    servers: dict
+    timeout: float
+
+    def _init_direct(self) -> None:
+        self._synchronous = threading.local()  # .on: the caller's thread is in call()
+        self._unfinished = 0  # calls started and not done: a direct call needs to be the only one
+        self._unfinished_lock = threading.Lock()
+        self._links: dict[int, DirectLink] = {}  # server -> the caller's-thread connection to it
+        self._no_link: set[str] = set()  # server addresses a link could not reach
+        self._link_lock = threading.Lock()  # one thread's direct call at a time
+        self._direct_add = False  # a direct add is in flight: a pause must wait for its ack
+        self.direct_calls = 0  # calls that went out on the caller's thread, for tests and benchmarks
+
+    def call(self, start: Callable[[], Future]) -> Any:
+        """A synchronous call: start it (a table's submit) and wait for its outcome. The
+        submit may run the whole call on this thread."""
+        self._synchronous.on = True
+        try:
+            future = start()
+        finally:
+            self._synchronous.on = False
+        return self.wait(future)
+
+    def _may_call_directly(self) -> bool:
+        """Whether a call being submitted is a synchronous one that may go direct."""
+        return self.config.direct and getattr(self._synchronous, "on", False) and self.config.tls is None
+
+    def _started(self, future: Future) -> None:
+        with self._unfinished_lock:
+            self._unfinished += 1
+        future.add_done_callback(self._finished)
+
+    def _finished(self, _: Future) -> None:
+        with self._unfinished_lock:
+            self._unfinished -= 1
+
+    def _call_direct(self, call: Any, parts: list) -> bool:
+        """Run a call on this thread if it is all this worker has outstanding (so nothing
+        can be overtaken) and is one message to one reachable server; False if not."""
+        if self._unfinished != 1 or self._gate.paused or self._leaving:
+            return False
+        messages = self._messages(call, parts)
+        if len(messages) != 1:
+            return False
+        sid, group = messages[0]
+        conn = self._conns.get(sid)
+        if sid in self._gate.down or not isinstance(conn, Connection) or conn.closed:  # in-process: no socket
+            return False
+        if not self._link_lock.acquire(blocking=False):  # another thread's direct call
+            return False
+        try:
+            link = self._link(sid)
+            if link is None:
+                return False
+            self._direct_add = call.name != "get"
+            if self._gate.paused:  # a pause came in: it either sees the flag or we see it
+                return False
+            call.left = 1
+            self._exchange(call, sid, group, link)
+            return True
+        finally:
+            self._direct_add = False
+            self._link_lock.release()
+
+    def _link(self, sid: int) -> Optional[DirectLink]:
+        address = self.servers[sid]
+        link = self._links.get(sid)
+        if link is not None and link.address != address:  # the server was replaced
+            link.close()
+            link = None
+        if link is None and address not in self._no_link:
+            try:
+                link = self._links[sid] = DirectLink(address, self.config.auth, self.config.limits)
+            except (MultiversoError, OSError) as exc:
+                log.info("synchronous calls to server %s go through the I/O thread: %s", sid, exc)
+                self._no_link.add(address)
+        return link
+
+    def _exchange(self, call: Any, sid: int, parts: list, link: DirectLink) -> None:
+        """Send one message on the link and handle its reply as the I/O thread would. A
+        broken link hands the message to the I/O thread: as it was if it may have been
+        applied, so that the server skips it then."""
+        seq = next(self._seq)
+        body, buffers, pending = self._message(call, sid, parts, seq)
+        self.direct_calls += 1
+        try:
+            frame = link.exchange(TABLE_OPS[call.name], next(self._req_ids), body, buffers, pending.dest,
+                                  self.timeout)
+        except (socket.timeout, LinkBroken) as exc:
+            link.close()
+            del self._links[sid]
+            if pending.segment is not None:
+                self.shared_memory.drop(pending.segment)  # the server may still write into it
+            if isinstance(exc, socket.timeout):
+                self._fail(call, self._timeout_error(pending))
+            else:
+                log.info("link to server %s broke (%s); resending through the I/O thread", sid, exc)
+                self.io.call_soon(self._send_message, call, sid, parts, seq if exc.sent else None)
+            return
+        try:
+            self._answered(pending, frame)
+        finally:
+            if pending.segment is not None:
+                self.shared_memory.give_back(pending.segment)
+
+    def _interrupt_link(self, sid: int) -> None:
+        """From the I/O thread, when the server's connection closed: a direct call
+        waiting on its link fails over to that connection's fate."""
+        link = self._links.get(sid)
+        if link is not None:
+            link.interrupt()
+
+    def _close_links(self) -> None:
+        with self._link_lock:
+            for link in self._links.values():
+                link.close()
+            self._links.clear()

@@ -10,7 +10,8 @@ import logging
 import time
 from typing import Any, Optional
 
-from multiverso_py.errors import ConnectionLost, ErrorCode, MultiversoError
+from multiverso_py.consistency import wait_hint
+from multiverso_py.errors import ConnectionLost, ErrorCode, MultiversoError, RequestTimeout
 from multiverso_py.protocol import MsgType
 from multiverso_py.transport import Connection, open_connection
 
@@ -24,7 +25,6 @@ class Interruptions:
     _pending: dict
     _gate: Any
     _direct_add: bool  # an add in flight on the caller's thread (multiverso_py.direct)
-    _links: dict  # server -> its DirectLink
 
     def checkpoint(self, path: str) -> str:
         """Flush this worker's adds, then have the scheduler take a checkpoint (it pauses
@@ -78,9 +78,7 @@ class Interruptions:
                 log.error("lost the connection to the scheduler")
             return
         sid = conn.context
-        link = self._links.get(sid)
-        if link is not None:
-            link.interrupt()  # a direct call waiting on it fails over to this connection's fate
+        self._interrupt_link(sid)
         if self._recovery and not self._leaving:
             self._gate.down.add(sid)  # its requests wait (within their deadlines) for a replacement
             log.warning("lost server %s; waiting for its replacement", sid)
@@ -106,6 +104,12 @@ class Interruptions:
                     break
                 self._abandon(req_id)
                 self._fail(pending.op, self._timeout_error(pending))
+
+    def _timeout_error(self, pending: Any) -> RequestTimeout:
+        call = pending.op
+        return RequestTimeout(f"{call.name} on table {call.info.name!r}: no reply from server {pending.server} "
+                              f"({self.servers[pending.server]}) within {self.timeout}s"
+                              f"{wait_hint(call.name, call.info.spec.consistency)}")
 
     def _abandon(self, req_id: int) -> Any:
         """Stop waiting for a message's reply. Its segment is never reused: the server may

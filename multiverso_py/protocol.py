@@ -67,7 +67,8 @@ class MsgType(enum.IntEnum):
     SHM_PROBE = 40  # worker -> server: can you map my shared memory? (same host; see multiverso_py.shm)
 
 
-TABLE_OPS = frozenset({MsgType.GET, MsgType.ADD, MsgType.SET, MsgType.ADD_GET})
+# A table call's message type by the call's name.
+TABLE_OPS = {"get": MsgType.GET, "add": MsgType.ADD, "set": MsgType.SET, "add_get": MsgType.ADD_GET}
 
 # Body schema per message type: field -> (accepted types, required).
 _INT = (int,)

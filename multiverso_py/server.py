@@ -79,7 +79,7 @@ class Server:
         self._clocks: dict[int, int] = {}  # worker -> clocks it finished; new tables start from these
         self._left: set[int] = set()  # workers that left the job or were declared dead
         self._handlers = {
-            **{op: self._table_op for op in TABLE_OPS},
+            **{op: self._table_op for op in TABLE_OPS.values()},
             MsgType.CLOCK: self._clock,
             MsgType.SHM_PROBE: lambda conn, frame: conn.send(MsgType.REPLY, frame.req_id,
                                                              {"data": shm.probe_answer(frame.body)}),
