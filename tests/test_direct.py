@@ -162,3 +162,23 @@ def test_an_add_whose_link_broke_after_it_left_is_applied_once() -> None:
         thread.join(15)
         assert outcome == {"value": None}, outcome
         np.testing.assert_array_equal(table.get(), np.ones(16))
+
+
+def test_threads_calling_at_once_share_the_link_and_lose_nothing() -> None:
+    """One thread at a time takes the link; the others go through the I/O thread."""
+    with LocalCluster(workers=1, servers=1) as cluster, mv.init(cluster.address, timeout=20) as job:
+        table = mv.ArrayTable(8, "int64", name="shared")
+        rounds, threads = 60, 4
+
+        def work(k: int) -> None:
+            for _ in range(rounds):
+                table.add(np.full(8, k + 1))
+                assert table.get().min() >= k + 1  # this thread's own add is always seen
+
+        workers = [_run_in_thread(lambda k=k: work(k)) for k in range(threads)]
+        for thread, _ in workers:
+            thread.join(60)
+        assert all(outcome == {"value": None} for _, outcome in workers), [o for _, o in workers]
+        before = job.client.direct_calls
+        np.testing.assert_array_equal(table.get(), np.full(8, rounds * sum(range(1, threads + 1))))
+        assert job.client.direct_calls == before + 1  # every call accounted for: the link is free again
