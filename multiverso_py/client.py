@@ -166,20 +166,24 @@ class Client(Interruptions, DirectCalls):
                finish: Optional[Callable[[Any], Any]] = None) -> Future:
         """Start a table call from the caller's thread. A small add joins its table's open
         batch; anything else closes that batch first, so one table's calls take effect in
-        the order issued."""
-        if self._may_call_directly():
+        the order issued. A call on the caller's thread (multiverso_py.direct) runs to its
+        end before any other thread's call starts: a server skips an add whose sequence
+        number is not newer than the last it applied, so adds on the two connections must
+        never cross."""
+        with self._starting:
+            if self._may_call_directly():
+                call = self._new_op(op, info, on_reply, result, finish)
+                if not self._call_direct(call, parts):
+                    self._batches.close(info.table_id)
+                    self.io.call_soon(self._send_op, call, parts)
+                return call.future
+            nbytes = sum(part_bytes(p) for p in parts) if op == "add" else BATCH_BYTES
+            if nbytes < BATCH_BYTES:
+                return self._batches.join(info.table_id, parts, nbytes, lambda: self._open_batch(info)).call.future
+            self._batches.close(info.table_id)
             call = self._new_op(op, info, on_reply, result, finish)
-            if not self._call_direct(call, parts):
-                self._batches.close(info.table_id)
-                self.io.call_soon(self._send_op, call, parts)
+            self.io.call_soon(self._send_op, call, parts)
             return call.future
-        nbytes = sum(part_bytes(p) for p in parts) if op == "add" else BATCH_BYTES
-        if nbytes < BATCH_BYTES:
-            return self._batches.join(info.table_id, parts, nbytes, lambda: self._open_batch(info)).call.future
-        self._batches.close(info.table_id)
-        call = self._new_op(op, info, on_reply, result, finish)
-        self.io.call_soon(self._send_op, call, parts)
-        return call.future
 
     def _open_batch(self, info: TableInfo) -> Batch:
         batch = Batch(self._new_op("add", info, None, None, None))

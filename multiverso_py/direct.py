@@ -178,7 +178,9 @@ class DirectCalls:
         self._unfinished_lock = threading.Lock()
         self._links: dict[int, DirectLink] = {}  # server -> the caller's-thread connection to it
         self._no_link: set[str] = set()  # server addresses a link could not reach
-        self._link_lock = threading.Lock()  # one thread's direct call at a time
+        # Held while a call starts, and through a direct call: one thread's at a time, and
+        # no other call starts meanwhile (re-entrant: a reply's callbacks may start calls).
+        self._starting = threading.RLock()
         self._direct_add = False  # a direct add is in flight: a pause must wait for its ack
         self.direct_calls = 0  # calls that went out on the caller's thread, for tests and benchmarks
 
@@ -206,8 +208,9 @@ class DirectCalls:
             self._unfinished -= 1
 
     def _call_direct(self, call: Any, parts: list) -> bool:
-        """Run a call on this thread if it is all this worker has outstanding (so nothing
-        can be overtaken) and is one message to one reachable server; False if not."""
+        """Run a call on this thread (holding _starting) if it is all this worker has
+        outstanding (so nothing can be overtaken) and is one message to one reachable
+        server; False if not."""
         if self._unfinished != 1 or self._gate.paused or self._leaving:
             return False
         messages = self._messages(call, parts)
@@ -217,13 +220,11 @@ class DirectCalls:
         conn = self._conns.get(sid)
         if sid in self._gate.down or not isinstance(conn, Connection) or conn.closed:  # in-process: no socket
             return False
-        if not self._link_lock.acquire(blocking=False):  # another thread's direct call
+        link = self._link(sid)
+        if link is None:
             return False
+        self._direct_add = call.name != "get"
         try:
-            link = self._link(sid)
-            if link is None:
-                return False
-            self._direct_add = call.name != "get"
             if self._gate.paused:  # a pause came in: it either sees the flag or we see it
                 return False
             call.left = 1
@@ -231,7 +232,6 @@ class DirectCalls:
             return True
         finally:
             self._direct_add = False
-            self._link_lock.release()
 
     def _link(self, sid: int) -> Optional[DirectLink]:
         address = self.servers[sid]
@@ -282,7 +282,7 @@ class DirectCalls:
             link.interrupt()
 
     def _close_links(self) -> None:
-        with self._link_lock:
+        with self._starting:
             for link in self._links.values():
                 link.close()
             self._links.clear()
