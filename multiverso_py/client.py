@@ -28,7 +28,7 @@ from multiverso_py.acks import AddTracker
 from multiverso_py.auth import Auth
 from multiverso_py.batching import BATCH_BYTES, Batch, OpenBatches, chunk_messages, merge_adds, part_bytes, split_large
 from multiverso_py.control import ControlRequests, SendGate, heartbeat
-from multiverso_py.direct import DirectCalls
+from multiverso_py.direct import POLL_LIMIT, DirectCalls
 from multiverso_py.errors import ConnectionLost, MultiversoError, exception_for
 from multiverso_py.interruptions import Interruptions
 from multiverso_py.protocol import DEFAULT_LIMITS, TABLE_OPS, Frame, Limits, MsgType, described_lengths, pack_parts, unpack_parts
@@ -80,6 +80,7 @@ class ClientConfig:
     tls: Optional[ssl.SSLContext] = None  # verifies the scheduler's and servers' certificates
     shared_memory: bool = True  # large arrays to and from servers on this host go through shared memory
     direct: bool = True  # synchronous calls on the caller's thread where they can (multiverso_py.direct)
+    poll_limit: float = POLL_LIMIT  # seconds a direct call polls for its reply before sleeping; 0: never
 
 
 class Client(Interruptions, DirectCalls):

@@ -81,4 +81,9 @@ def test_random_requests_get_clear_answers_and_the_server_keeps_serving(live) ->
             assert answer.body["code"] != ErrorCode.INTERNAL, f"an internal failure, not a clear error: {answer.body}"
 
     one_request()
+    # Random requests may all be harmless ones (moved partitions, empty parts), which log
+    # nothing: end with one that must be refused and logged.
+    sock.sendall(encode_bytes(MsgType.GET, 98, {"table": 10**6, "client": 1, "seq": 1, "map": 1, "parts": []}))
+    answer = testing.read_frame(sock, FrameReader())
+    assert (answer.type, answer.body["code"]) == (MsgType.ERROR, ErrorCode.UNKNOWN_TABLE), answer
     job.check_healthy(0, "server 0")

@@ -1,0 +1,134 @@
+"""A synchronous call on the caller's thread polls for its reply before it sleeps
+(multiverso_py.direct.ReplyClock): the window follows recent waits, a reply that comes
+within it is read without the thread ever sleeping, and a poll that loses the CPU to
+another process stops at once."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import multiverso_py as mv
+from multiverso_py.direct import POLL_LIMIT, ReplyClock, read_frames
+from multiverso_py.framing import FrameReader, encode
+from multiverso_py.protocol import MsgType
+from multiverso_py.testing import LocalCluster
+
+# Connects back; for each byte it reads, waits that many milliseconds and sends a frame.
+_LATE_SENDER = """
+import socket, sys, time
+from multiverso_py.framing import encode
+from multiverso_py.protocol import MsgType
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+while delay := sock.recv(1):
+    time.sleep(delay[0] / 1000)
+    sock.sendall(b"".join(encode(MsgType.REPLY, 7, {"data": 1})))
+"""
+
+
+def test_the_poll_window_is_twice_the_recent_waits_within_the_limit() -> None:
+    clock = ReplyClock(2e-3)
+    clock.sent()
+    assert 0 < clock.poll_until - time.perf_counter() <= 2e-3  # nothing known yet: the whole limit
+    clock.expected = 0.4e-3
+    clock.sent()
+    assert 0.6e-3 < clock.poll_until - time.perf_counter() <= 0.8e-3
+    clock.expected = 1.5e-3  # replies take longer than the limit allows polling for: sleep
+    clock.sent()
+    assert clock.poll_until == 0.0
+    never = ReplyClock(0.0)
+    never.sent()
+    assert never.poll_until == 0.0
+    clock.expected = 1e-3
+    clock.sent()
+    clock.answered()  # answered at once: the average moves an eighth of the way to ~0
+    assert 0.87e-3 < clock.expected < 0.876e-3
+
+
+@pytest.fixture()
+def late_sender():
+    """Our end of a connection to a process that answers each byte with a frame, as late
+    as the byte says (in milliseconds)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    proc = subprocess.Popen([sys.executable, "-c", _LATE_SENDER, str(listener.getsockname()[1])])
+    try:
+        listener.settimeout(30)
+        sock, _ = listener.accept()
+        sock.settimeout(10.0)
+        yield sock
+        sock.close()
+        proc.wait(10)
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _slept_while_reading(sock: socket.socket, clock: ReplyClock, delay_ms: int) -> int:
+    """Times this thread went to sleep while it waited for a frame sent delay_ms late."""
+    sock.sendall(bytes([delay_ms]))
+    clock.sent()
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    frames = read_frames(sock, FrameReader(), clock)
+    slept = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
+    assert [(f.type, f.req_id, f.body) for f in frames] == [(MsgType.REPLY, 7, {"data": 1})]
+    assert sock.gettimeout() == 10.0  # polling put the socket's timeout back
+    return slept
+
+
+def test_a_reply_within_the_window_is_read_without_sleeping(late_sender: socket.socket) -> None:
+    assert _slept_while_reading(late_sender, ReplyClock(0.0), 1) >= 1  # the wait, asleep
+    polled = []
+    for _ in range(5):  # an interrupt or another process can take the CPU from a poll, which then stops
+        clock = ReplyClock(0.5)
+        polled.append(_slept_while_reading(late_sender, clock, 1))
+        if clock.poll_until:
+            break
+    assert polled[-1] == 0, polled  # polled the millisecond through
+
+
+def test_a_reply_after_the_window_is_waited_for_asleep(late_sender: socket.socket) -> None:
+    clock = ReplyClock(0.2e-3)
+    assert _slept_while_reading(late_sender, clock, 5) >= 1
+    assert clock.poll_until  # not for want of the CPU
+
+
+def test_a_poll_that_loses_the_cpu_to_another_process_sleeps_instead(late_sender: socket.socket) -> None:
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(busy.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})  # this thread and the busy process take turns on one CPU
+        clock = ReplyClock(2.0)
+        assert _slept_while_reading(late_sender, clock, 30) >= 1
+        assert clock.poll_until == 0.0  # it stopped polling, long before its 2 s window
+    finally:
+        os.sched_setaffinity(0, before)
+        busy.kill()
+        busy.wait()
+
+
+def test_mv_poll_us_sets_the_window_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("soon", "-1", "nan", "2e6"):
+        monkeypatch.setenv("MV_POLL_US", bad)
+        with pytest.raises(mv.InvalidArgument, match="MV_POLL_US"):
+            mv.init()
+    for setting, limit in (("0", 0.0), ("500", 500e-6), (None, POLL_LIMIT)):
+        if setting is None:
+            monkeypatch.delenv("MV_POLL_US")
+        else:
+            monkeypatch.setenv("MV_POLL_US", setting)
+        with LocalCluster(workers=1, servers=1) as cluster, mv.init(cluster.address, timeout=20) as job:
+            table = mv.ArrayTable(4, name="t")
+            table.add(np.ones(4))
+            np.testing.assert_array_equal(table.get(), np.ones(4))
+            assert job.client.direct_calls == 2 and job.client._links[0].replies.limit == limit
