@@ -202,6 +202,32 @@ def test_overlap_lands_each_pull_one_step_later(cluster_job: None) -> None:
     torch.testing.assert_close(model.weight.detach(), w1 - 0.1 * grad_at(w0))
 
 
+def test_pulls_land_in_the_parameters_themselves(cluster_job: None) -> None:
+    """Without overlap, CPU parameters become views of the optimizer's weight buffer: a
+    step's pull writes them in place, and autograd still learns that they changed."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = PSOptimizer(model.parameters(), updater="sgd", lr=0.1, name="held")
+    buffer = opt._slots[0][0].weights.host
+    start = buffer.data_ptr()
+    inside = range(start, start + buffer.numel() * buffer.element_size())
+    assert all(p.data_ptr() in inside for p in model.parameters())
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    loss = model.weight.pow(2).sum() + model.bias.pow(2).sum()  # pow keeps its input for the backward
+    loss.backward(retain_graph=True)
+    opt.step()
+    torch.testing.assert_close(model.weight.detach(), w0 - 0.1 * 2 * w0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # the graph's saved weights are not the weights any more
+    model.bias.data = torch.zeros(2)  # storage of its own: the pull is copied into it
+    opt.zero_grad()
+    model.bias.sum().backward()
+    opt.step()
+    assert model.bias.data_ptr() not in inside
+    torch.testing.assert_close(model.bias.detach(), torch.from_numpy(opt.tables[0][0].get()[8:]))
+    torch.testing.assert_close(model.bias.detach(), b0 - 0.1 * 2 * b0 - 0.1)
+
+
 def test_bsp_needs_overlap_and_works_with_it(cluster_job: None) -> None:
     with pytest.raises(mv.InvalidArgument, match="overlap=True"):
         PSOptimizer(nn.Linear(3, 1).parameters(), updater="sgd", lr=0.1, consistency="bsp")

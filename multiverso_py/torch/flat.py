@@ -94,11 +94,30 @@ class FlatBuffer:
             _synchronize(self.tensors)  # device->host copies must land before numpy reads them
         return self.array
 
-    def scatter(self) -> None:
-        """Copy the host buffer into the tensors, in place."""
+    def hold(self) -> None:
+        """Make the tensors views of the host buffer where they can be (C-contiguous CPU
+        tensors of the buffer's dtype), keeping their values: a pull into the buffer then
+        lands in them, and scatter() copies only the others. For tensors that nothing
+        reads while a pull is in flight (PSOptimizer without overlap)."""
         with torch.no_grad():
             for tensor, view in zip(self.tensors, self.views):
-                tensor.copy_(view, non_blocking=self.on_device)
+                if tensor.device.type == "cpu" and tensor.dtype == self.dtype and tensor.is_contiguous():
+                    view.copy_(tensor)
+                    tensor.data = view
+
+    def scatter(self) -> None:
+        """Copy the host buffer into the tensors, in place; a tensor that is a view of the
+        buffer (see hold) has its values already, and only autograd's version counter
+        learns that they changed."""
+        held = []
+        with torch.no_grad():
+            for tensor, view in zip(self.tensors, self.views):
+                if tensor.data_ptr() == view.data_ptr() and tensor.shape == view.shape:
+                    held.append(tensor)
+                else:
+                    tensor.copy_(view, non_blocking=self.on_device)
+        if held:
+            torch.autograd.graph.increment_version(held)
         if self.on_device and torch.cuda.is_available():
             # The host->device copies read the buffer asynchronously: the next write into
             # it (a gather, a pull) waits for them.

@@ -142,6 +142,9 @@ class PSOptimizer(torch.optim.Optimizer):
         self._raw.append({k: group.get(k) for k in ("updater", *self._option_keys)})
         self._start_pulls(slots)  # everyone starts from the master's values
         self._land()
+        if not self.overlap:  # nothing reads the parameters while a pull is in flight: pulls land in them
+            for slot in slots:
+                slot.weights.hold()
 
     @property
     def tables(self) -> list[list[mv.ArrayTable]]:
