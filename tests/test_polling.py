@@ -17,7 +17,7 @@ import pytest
 
 import multiverso_py as mv
 from multiverso_py.direct import POLL_LIMIT, ReplyClock, read_frames
-from multiverso_py.framing import FrameReader, encode
+from multiverso_py.framing import FrameReader
 from multiverso_py.protocol import MsgType
 from multiverso_py.testing import LocalCluster
 
