@@ -44,6 +44,7 @@ log = logging.getLogger("multiverso_py.client")
 CONNECT_TIMEOUT = 5.0  # a server on the job's network answers at once, or not at all
 POLL_LIMIT = 2e-3  # seconds: a caller polls for replies that usually come within this
 YIELDED = 50e-6  # a poll round this long gave the CPU away (interrupts alone pass 12 µs every few ms)
+_yield_cpu = getattr(os, "sched_yield", lambda: time.sleep(0))  # sched_yield is POSIX only
 
 
 class LinkBroken(ConnectionError):
@@ -87,7 +88,7 @@ def _receive(sock: socket.socket, buffer: memoryview, clock: Optional["ReplyCloc
                 clock.lost_cpu()
             if now >= clock.poll_until:
                 break
-            os.sched_yield()
+            _yield_cpu()
     finally:
         sock.settimeout(timeout)
     return sock.recv_into(buffer)

@@ -72,6 +72,10 @@ def late_sender():
             proc.wait()
 
 
+# Linux counts a thread's sleeps (voluntary context switches); the tests that read them need it.
+counts_sleeps = pytest.mark.skipif(not hasattr(resource, "RUSAGE_THREAD"), reason="needs Linux's per-thread rusage")
+
+
 def _slept_while_reading(sock: socket.socket, clock: ReplyClock, delay_ms: int) -> int:
     """Times this thread went to sleep while it waited for a frame sent delay_ms late."""
     sock.sendall(bytes([delay_ms]))
@@ -84,6 +88,7 @@ def _slept_while_reading(sock: socket.socket, clock: ReplyClock, delay_ms: int) 
     return slept
 
 
+@counts_sleeps
 def test_a_reply_within_the_window_is_read_without_sleeping(late_sender: socket.socket) -> None:
     assert _slept_while_reading(late_sender, ReplyClock(0.0), 1) >= 1  # the wait, asleep
     polled = []
@@ -95,12 +100,15 @@ def test_a_reply_within_the_window_is_read_without_sleeping(late_sender: socket.
     assert polled[-1] == 0, polled  # polled the millisecond through
 
 
+@counts_sleeps
 def test_a_reply_after_the_window_is_waited_for_asleep(late_sender: socket.socket) -> None:
     clock = ReplyClock(0.2e-3)
     assert _slept_while_reading(late_sender, clock, 5) >= 1
     assert clock.poll_until  # not for want of the CPU
 
 
+@counts_sleeps
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning threads to a CPU needs Linux")
 def test_a_poll_that_loses_the_cpu_to_another_process_sleeps_instead(late_sender: socket.socket) -> None:
     cpu = min(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
