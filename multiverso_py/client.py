@@ -31,7 +31,7 @@ from multiverso_py.control import ControlRequests, SendGate, heartbeat
 from multiverso_py.direct import POLL_LIMIT, DirectCalls
 from multiverso_py.errors import ConnectionLost, MultiversoError, exception_for
 from multiverso_py.interruptions import Interruptions
-from multiverso_py.protocol import DEFAULT_LIMITS, TABLE_OPS, Frame, Limits, MsgType, described_lengths, pack_parts, unpack_parts
+from multiverso_py.protocol import DEFAULT_LIMITS, TABLE_OPS, Buffers, Frame, Limits, MsgType, pack_parts, unpack_parts
 from multiverso_py.shm import Segment, WorkerLinks, views
 from multiverso_py.tables.base import OnReply, Part, TableInfo, TableSpec
 from multiverso_py.transport import Connection, LoopThread, open_connection
@@ -366,9 +366,12 @@ class Client(Interruptions, DirectCalls):
         return f"{call.name} on table {call.info.name!r} at server {pending.server} ({self.servers[pending.server]})"
 
     def _merge(self, pending: _Pending, frame: Frame) -> None:
+        buffers: Buffers = frame.buffers
         if pending.segment is not None and not frame.buffers and frame.body.get("shm"):
-            frame.buffers = views(pending.segment.buf, described_lengths(frame.body, self.config.limits))
-        replies = unpack_parts(frame.body, frame.buffers, self.config.limits)
+            def buffers(lengths: list[int]) -> list[memoryview]:  # the reply's arrays, laid out in the segment
+                frame.buffers = views(pending.segment.buf, lengths)
+                return frame.buffers
+        replies = unpack_parts(frame.body, buffers, self.config.limits)
         if len(replies) != len(pending.parts):
             raise MultiversoError(f"{len(replies)} parts in the reply, {len(pending.parts)} requested")
         call = pending.op

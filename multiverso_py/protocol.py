@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import msgpack
 import numpy as np
@@ -185,44 +185,35 @@ def parse_descriptor(desc: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[np.dty
     return dtype, tuple(shape), math.prod(shape) * dtype.itemsize
 
 
-def check_descriptor(desc: Any, nbytes: int, limits: Limits = DEFAULT_LIMITS) -> tuple[np.dtype, tuple]:
-    """Validate an array descriptor against the size of the buffer that carries it."""
-    dtype, shape, expected = parse_descriptor(desc, limits)
-    if expected != nbytes:
-        raise ProtocolError(f"array {desc[0]}{list(shape)} needs {expected} bytes, buffer has {nbytes}")
-    return dtype, shape
+# Arrays in a frame come as its buffers; arrays elsewhere (in shared memory, see
+# multiverso_py.shm) as a function that lays them out from their sizes.
+Buffers = Union[Sequence[memoryview], Callable[[list[int]], Sequence[memoryview]]]
 
 
-def described_lengths(body: dict, limits: Limits = DEFAULT_LIMITS) -> list[int]:
-    """The bytes of every array a message's parts describe, in order: where the arrays do
-    not travel in the frame (see multiverso_py.shm)."""
-    lengths = []
+def unpack_parts(body: dict, buffers: Buffers,
+                 limits: Limits = DEFAULT_LIMITS) -> list[tuple[int, dict, list[np.ndarray]]]:
+    """Split a message's parts into (partition, args, arrays); arrays view the buffers.
+    Every descriptor is parsed once, before any buffer is touched."""
+    described = []
     for part in body.get("parts") or []:
         _check_fields(part, _PART_SCHEMA, "part")
-        lengths.extend(parse_descriptor(desc, limits)[2] for desc in part.get("arrays", ()))
+        described.append((part["p"], part.get("args", {}), [parse_descriptor(d, limits) for d in part.get("arrays", ())]))
+    lengths = [n for _, _, arrays in described for _, _, n in arrays]
     if len(lengths) > limits.max_buffers:
         raise ProtocolError(f"{len(lengths)} arrays exceed the limit of {limits.max_buffers}")
-    return lengths
-
-
-def unpack_parts(body: dict, buffers: Sequence[memoryview], limits: Limits = DEFAULT_LIMITS) -> list[tuple[int, dict, list[np.ndarray]]]:
-    """Split a message's parts into (partition, args, arrays); arrays view the buffers."""
-    parts = body.get("parts") or []
+    if callable(buffers):
+        buffers = buffers(lengths)
+    if len(buffers) != len(lengths):
+        raise ProtocolError(f"the frame carries {len(buffers)} buffers, its parts describe {len(lengths)} arrays")
     out = []
-    cursor = 0
-    for part in parts:
-        _check_fields(part, _PART_SCHEMA, "part")
-        arrays = []
-        for desc in part.get("arrays", ()):
-            if cursor >= len(buffers):
-                raise ProtocolError("a part describes more arrays than the frame carries")
-            buf = buffers[cursor]
-            cursor += 1
-            dtype, shape = check_descriptor(desc, buf.nbytes, limits)
-            arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
-        out.append((part["p"], part.get("args", {}), arrays))
-    if cursor != len(buffers):
-        raise ProtocolError(f"frame carries {len(buffers)} buffers, parts describe {cursor}")
+    cursor = iter(buffers)
+    for pid, args, arrays in described:
+        views = []
+        for (dtype, shape, expected), buf in zip(arrays, cursor):
+            if buf.nbytes != expected:
+                raise ProtocolError(f"array {dtype.name}{list(shape)} needs {expected} bytes, buffer has {buf.nbytes}")
+            views.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+        out.append((pid, args, views))
     return out
 
 

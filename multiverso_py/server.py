@@ -14,6 +14,7 @@ written into it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from multiverso_py.consistency import Kind, Model, TableClock
 from multiverso_py.errors import ErrorCode, MultiversoError, ProtocolError, code_for
 from multiverso_py.flow import FlowControl
 from multiverso_py.local import LocalConnection, local_pair
-from multiverso_py.protocol import DEFAULT_LIMITS, TABLE_OPS, Frame, Limits, MsgType, described_lengths, unpack_parts
+from multiverso_py.protocol import DEFAULT_LIMITS, TABLE_OPS, Buffers, Frame, Limits, MsgType, unpack_parts
 from multiverso_py.server_checkpoint import SnapshotJob, restore_partitions
 from multiverso_py.server_jobs import READS, Job, Partition, Table, Turns
 from multiverso_py.tables.base import TableSpec
@@ -145,13 +146,13 @@ class Server:
             return
         segment = None
         try:
-            buffers = frame.buffers
+            buffers: Buffers = frame.buffers
             if "shm" in body:  # the arrays are in the worker's shared memory (see multiverso_py.shm)
                 segment = self._shm_links(conn).segment(body["shm"])
                 if frame.type is not MsgType.GET:  # a get's row ids still travel in the frame
                     if buffers:
                         raise ProtocolError(f"a {frame.type.name} in shared memory carries no buffers")
-                    buffers = shm.views(segment, described_lengths(body, self.config.limits))
+                    buffers = functools.partial(shm.views, segment)
             parts = unpack_parts(body, buffers, self.config.limits)
         except ProtocolError as exc:
             log.warning("bad %s from %s: %s", frame.type.name, conn.peer, exc)

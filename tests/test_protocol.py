@@ -38,7 +38,6 @@ from multiverso_py.protocol import (
     Frame,
     Limits,
     MsgType,
-    check_descriptor,
     pack_parts,
     parse_header,
     unpack_parts,
@@ -48,6 +47,13 @@ INT_MIN = -(2**63)
 UINT_MAX = 2**64 - 1
 REQ_ID_MAX = 2**63 - 1
 BIG = 1 << 20  # well above the reader's 64 KiB direct-receive threshold
+
+def check_descriptor(desc: Any, nbytes: int, limits: Limits = DEFAULT_LIMITS) -> tuple[np.dtype, tuple]:
+    """One array descriptor checked as a message's part is, against a buffer of nbytes:
+    the dtype and shape of the array unpacked."""
+    [(_, _, [array])] = unpack_parts({"parts": [{"p": 0, "arrays": [desc]}]}, [memoryview(bytearray(nbytes))], limits)
+    return array.dtype, array.shape
+
 
 # Small limits for fuzzing, so that a corrupted length can never make the reader allocate much.
 SMALL = Limits(max_header_bytes=4096, max_buffers=16, max_frame_bytes=1 << 16, max_array_dims=4)
@@ -884,9 +890,9 @@ def test_more_buffers_than_parts_describe() -> None:
 
 def test_fewer_buffers_than_parts_describe() -> None:
     parts, buffers = pack_parts([(0, {}, [np.zeros(2, np.int8), np.zeros(3, np.int8)])])
-    with pytest.raises(ProtocolError, match="more arrays"):
+    with pytest.raises(ProtocolError, match="carries 1 buffers, its parts describe 2 arrays"):
         unpack_parts({"parts": parts}, buffers[:1])
-    with pytest.raises(ProtocolError, match="more arrays"):
+    with pytest.raises(ProtocolError, match="carries 0 buffers, its parts describe 2 arrays"):
         unpack_parts({"parts": parts}, [])
 
 
