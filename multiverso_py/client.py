@@ -14,6 +14,7 @@ sequence number) so that a resent add is applied once. Every request has a deadl
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import ssl
@@ -366,17 +367,15 @@ class Client(Interruptions, DirectCalls):
         return f"{call.name} on table {call.info.name!r} at server {pending.server} ({self.servers[pending.server]})"
 
     def _merge(self, pending: _Pending, frame: Frame) -> None:
-        buffers: Buffers = frame.buffers
-        if pending.segment is not None and not frame.buffers and frame.body.get("shm"):
-            def buffers(lengths: list[int]) -> list[memoryview]:  # the reply's arrays, laid out in the segment
-                frame.buffers = views(pending.segment.buf, lengths)
-                return frame.buffers
+        in_segment = pending.segment is not None and not frame.buffers and frame.body.get("shm")
+        buffers: Buffers = functools.partial(views, pending.segment.buf) if in_segment else frame.buffers
         replies = unpack_parts(frame.body, buffers, self.config.limits)
         if len(replies) != len(pending.parts):
             raise MultiversoError(f"{len(replies)} parts in the reply, {len(pending.parts)} requested")
         call = pending.op
-        call.info.stats.bytes_received += sum(b.nbytes for b in frame.buffers)
-        in_place = pending.dest is not None and all(a is b for a, b in zip(frame.buffers, pending.dest))
+        call.info.stats.bytes_received += sum(a.nbytes for _, _, arrays in replies for a in arrays)
+        in_place = not in_segment and pending.dest is not None and all(
+            a is b for a, b in zip(frame.buffers, pending.dest))
         for part, (pid, args, arrays) in zip(pending.parts, replies):
             if part.dest is not None:
                 if not in_place:  # the reader could not use the destination: copy once
