@@ -350,3 +350,46 @@ def test_two_workers_get_moves_only_rows_the_other_changed(tmp_path: Path) -> No
         assert rows * row <= nbytes <= rows * (row + ID_BYTES), f"{matches[0]}\n{report}"
     for worker in (0, 1):
         assert f"[worker {worker}] worker {worker} of 2 on 2 servers: ok" in lines, report
+
+
+def _moved(shard, worker: int, rows: list[int]) -> list[int]:
+    """Row ids a shard's get sends to a worker, sorted."""
+    _, (ids, values) = shard.get({"w": worker}, [np.asarray(rows, np.int64)])
+    np.testing.assert_array_equal(values, shard.data[ids - shard.lo])
+    return sorted(ids.tolist())
+
+
+def test_shard_tracks_more_workers_than_its_first_flags_hold() -> None:
+    """A shard's flags start with room for 4 workers and grow: workers who joined before
+    the growth keep what they have seen, and a change reaches every worker exactly once."""
+    from multiverso_py.tables.base import TableSpec
+    from multiverso_py.tables.sparse_matrix import SparseRowShard
+
+    shard = SparseRowShard(TableSpec("sparse_matrix", (30, 2)), (2,), 10, 30)  # rows 10..29
+    asked = [10, 12, 29, 12]
+    for worker in range(3):
+        assert _moved(shard, worker, asked) == [10, 12, 12, 29]  # a repeated stale row moves twice
+    shard.add({}, [np.array([12, 20], np.int64), np.ones((2, 2), np.float32)])
+    for worker in range(3, 9):  # workers 4.. need more columns than the shard started with
+        assert _moved(shard, worker, asked) == [10, 12, 12, 29]
+    assert shard._fresh.shape[1] > 4
+    for worker in range(3):  # their flags survived the growth: only the changed row moves
+        assert _moved(shard, worker, asked) == [12, 12]
+    for worker in range(9):
+        assert _moved(shard, worker, [12, 20, 29]) == [20], worker  # 20: changed, and never sent
+        assert _moved(shard, worker, [12, 20, 29]) == []
+    shard.set({"lo": 0, "hi": 5}, [np.zeros((5, 2), np.float32)])  # a span: rows 10..14
+    assert _moved(shard, 7, [10, 14, 15, 29]) == [10, 14, 15]  # 15: never sent to worker 7
+    shard.restore_arrays({"data": shard.data.copy()})
+    assert _moved(shard, 0, [20, 29]) == [20, 29]  # both fresh in worker 0's cache before
+
+
+def test_shard_get_refuses_a_get_without_its_worker() -> None:
+    from multiverso_py.errors import InvalidArgument
+    from multiverso_py.tables.base import TableSpec
+    from multiverso_py.tables.sparse_matrix import SparseRowShard
+
+    shard = SparseRowShard(TableSpec("sparse_matrix", (4, 2)), (2,), 0, 4)
+    for args in ({}, {"w": -1}, {"w": "0"}):
+        with pytest.raises(InvalidArgument, match="names its worker"):
+            shard.get(args, [np.arange(2, dtype=np.int64)])
