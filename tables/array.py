@@ -8,13 +8,14 @@ from typing import Any, Optional
 
 import numpy as np
 from multiverso_py.tables.base import TableSpec, as_array, as_index, check_shape
-from multiverso_py.tables.ranges import DenseRowShard, RangeTableHandle, range_layout
+from multiverso_py.tables.ranges import VECTOR_PARTITIONS_PER_SERVER, DenseRowShard, RangeTableHandle, range_layout
 
 from multiverso_py import context
 
 
 def layout(spec: TableSpec, num_servers: int) -> dict:
-    return range_layout(math.prod(spec.shape), np.dtype(spec.dtype).itemsize, num_servers)
+    return range_layout(math.prod(spec.shape), np.dtype(spec.dtype).itemsize, num_servers,
+                        VECTOR_PARTITIONS_PER_SERVER)
 
 
 def make_shard(spec: TableSpec, layout: dict, pid: int) -> DenseRowShard:

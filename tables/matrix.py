@@ -7,14 +7,14 @@ from typing import Any, Optional
 
 import numpy as np
 from multiverso_py.tables.base import TableSpec, as_array, as_index, check_shape
-from multiverso_py.tables.ranges import DenseRowShard, RangeTableHandle, range_layout
+from multiverso_py.tables.ranges import ROW_PARTITIONS_PER_SERVER, DenseRowShard, RangeTableHandle, range_layout
 
 from multiverso_py import context
 
 
 def layout(spec: TableSpec, num_servers: int) -> dict:
     num_rows, num_cols = spec.shape
-    return range_layout(num_rows, num_cols * np.dtype(spec.dtype).itemsize, num_servers)
+    return range_layout(num_rows, num_cols * np.dtype(spec.dtype).itemsize, num_servers, ROW_PARTITIONS_PER_SERVER)
 
 
 def make_shard(spec: TableSpec, layout: dict, pid: int) -> DenseRowShard:

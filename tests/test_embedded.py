@@ -179,17 +179,6 @@ def test_matrix_rows_with_duplicates_sum(job: mv.Job, dtype: str) -> None:
     np.testing.assert_array_equal(table.get([2]), reference[[2]])
 
 
-def test_big_matrix_rows_out_of_order_across_partitions(job: mv.Job) -> None:
-    """Row ids in descending order that fall in different partitions of one table."""
-    num_rows, num_cols = 3000, 1000  # 12 MiB of float32: two partitions
-    table = mv.MatrixTable(num_rows, num_cols)
-    rows = [num_rows - 1, 0]
-    table.add(np.stack([np.full(num_cols, 2.0), np.full(num_cols, 1.0)]).astype(np.float32), rows)
-    got = table.get(rows)
-    np.testing.assert_array_equal(got[:, 0], [2.0, 1.0])
-    np.testing.assert_array_equal(table.get([0, num_rows - 1])[:, -1], [1.0, 2.0])
-
-
 def test_matrix_init_value(job: mv.Job) -> None:
     start = np.arange(12, dtype=np.float64).reshape(3, 4)
     table = mv.MatrixTable(3, 4, "float64", init_value=start)

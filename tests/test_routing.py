@@ -91,3 +91,22 @@ def test_rows_split_by_partition(bounds: list[int]) -> None:
         assert got.keys() == expected.keys()
         for p, positions in got.items():
             np.testing.assert_array_equal(positions, expected[p])
+
+
+@pytest.mark.parametrize("servers", [1, 3])
+def test_vectors_take_two_partitions_a_server_and_matrices_one(servers: int) -> None:
+    """A big vector is split in two per server (its whole-table work runs on two table
+    threads); a matrix, whose requests are scattered rows, in one per server; a small
+    table of either kind in one per server."""
+    from multiverso_py.tables import array, matrix
+    from multiverso_py.tables.base import TableSpec
+
+    def count(layout: dict) -> int:
+        return len(layout["bounds"]) - 1
+
+    assert count(array.layout(TableSpec("array", (4 << 20,)), servers)) == 2 * servers
+    assert count(array.layout(TableSpec("array", (1000,)), servers)) == servers
+    for kind in ("matrix", "sparse_matrix"):
+        assert count(matrix.layout(TableSpec(kind, (1 << 20, 16)), servers)) == servers
+    bounds = matrix.layout(TableSpec("matrix", (10, 4)), servers)["bounds"]
+    assert bounds[0] == 0 and bounds[-1] == 10 and bounds == sorted(bounds)
