@@ -170,6 +170,9 @@ class Server:
         partitions = list({id(p): p for _, p, _, _ in job_parts}.values())
         job = Job(self, conn, frame, job_parts, partitions, segment if frame.type in READS else None)
         try:
+            if frame.type is MsgType.ADD and table.clock.model is not Model.ASYNC:
+                for _, partition, args, arrays in job_parts:  # it may be held, and acknowledged before it runs
+                    partition.shard.check_add(args, arrays)
             now = table.clock.admit(body["client"], _KINDS[frame.type], lambda: self.turns.arrive(job), job)
         except MultiversoError as exc:
             conn.send_error(frame.req_id, code_for(exc), str(exc))

@@ -207,14 +207,24 @@ class KVShard:
 
     def add(self, args: dict, arrays: list) -> tuple[dict, list]:
         """Add values to the rows of keys (missing keys start from their initial row)."""
+        keys, values = self._keys_and_values(arrays)
+        rows = self._insert_missing(keys, self.index.lookup(keys))
+        self.updater.apply(values, rows, args)
+        return {}, []
+
+    def check_add(self, args: dict, arrays: list) -> None:
+        """Raise what add() would for a malformed request, changing nothing: a server
+        acknowledges an add that it holds for clocks before the add runs."""
+        self._keys_and_values(arrays)
+        self.updater.call_lr(args)
+
+    def _keys_and_values(self, arrays: list) -> tuple[np.ndarray, np.ndarray]:
         keys = self._keys(arrays, 2, "add")
         values = arrays[1]
         if values.shape != (len(keys), self.dim) or values.dtype != self.dtype:
             raise InvalidArgument(f"values {values.dtype}{list(values.shape)} do not match "
                                   f"{self.dtype}{[len(keys), self.dim]}")
-        rows = self._insert_missing(keys, self.index.lookup(keys))
-        self.updater.apply(values, rows, args)
-        return {}, []
+        return keys, values
 
     def set(self, args: dict, arrays: list) -> tuple[dict, list]:
         raise InvalidArgument("a KV table has no set operation")

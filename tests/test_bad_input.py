@@ -366,3 +366,28 @@ def test_garbage_to_the_scheduler(job: LiveJob) -> None:
     fresh.add(np.arange(16))
     mv.barrier()
     np.testing.assert_array_equal(fresh.get(), np.arange(16))
+
+
+# ---------------------------------------------------------------- (h) a bad add that would be held
+
+
+@pytest.mark.parametrize("kind", ["array", "kv"])
+def test_a_bad_add_that_bsp_would_hold_is_refused_not_acknowledged(kind: str) -> None:
+    """A BSP server holds an add until its clock completes and acknowledges it at once (so
+    that barriers never wait for other workers): it must check the add first, or a
+    malformed one would be acknowledged and then fail where nobody hears of it."""
+    with LocalCluster(workers=1, servers=1) as cluster, mv.init(cluster.address, timeout=10):
+        if kind == "array":
+            table: mv.ArrayTable | mv.KVTable = mv.ArrayTable(8, "int64", name="held", consistency="bsp")
+            arrays = [np.arange(3, dtype=np.int64), np.ones(5, np.int64)]  # 3 indices, 5 values
+        else:
+            table = mv.KVTable(dim=2, name="held", consistency="bsp")
+            arrays = [np.arange(3, dtype=np.uint64), np.ones((3, 4), np.float32)]  # rows of 4, not 2
+        parts, buffers = pack_parts([(0, {}, arrays)])
+        body = {"table": table._info.table_id, "client": mv.worker_id(), "seq": 1, "map": 1, "parts": parts}
+        answer = send_raw(cluster.server_address(0), encode_bytes(MsgType.ADD, 5, body, buffers))
+        assert_error(answer, 5, ErrorCode.INVALID_ARGUMENT, "delta|do not match")
+        if kind == "array":  # the worker's own adds still go through, held until its clock
+            table.add(np.ones(8, np.int64))
+            mv.clock()
+            np.testing.assert_array_equal(table.get(), np.ones(8, np.int64))
