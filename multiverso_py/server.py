@@ -17,7 +17,6 @@ import asyncio
 import functools
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -30,7 +29,7 @@ from multiverso_py.flow import FlowControl
 from multiverso_py.local import LocalConnection, local_pair
 from multiverso_py.protocol import DEFAULT_LIMITS, TABLE_OPS, Buffers, Frame, Limits, MsgType, unpack_parts
 from multiverso_py.server_checkpoint import SnapshotJob, restore_partitions
-from multiverso_py.server_jobs import READS, Job, Partition, Table, Turns
+from multiverso_py.server_jobs import READS, Job, Partition, Table, TablePool, Turns
 from multiverso_py.tables.base import TableSpec
 from multiverso_py.tls import TLS
 from multiverso_py.transport import Connection, open_connection
@@ -67,7 +66,7 @@ class Server:
         self.tables: dict[int, Table] = {}
         self.loop: asyncio.AbstractEventLoop
         self.address = ""
-        self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="mv-server")
+        self._pool = TablePool(config.threads, "mv-server")
         self.turns = Turns(self._pool)
         self.flow = FlowControl(config.max_in_flight)
         self.buffers = BufferPool()
@@ -299,7 +298,7 @@ class Server:
             conn.close()
         if self._scheduler is not None:
             self._scheduler.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()

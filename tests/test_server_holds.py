@@ -151,3 +151,37 @@ def test_a_flooding_peer_is_paused_at_the_in_flight_limit_not_queued_without_bou
         assert server.flow.peak <= limit + 1
         stalled.close()
         flooder.close()
+
+
+def test_table_pool_runs_jobs_logs_escaped_errors_and_drops_queued_jobs_on_shutdown(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from multiverso_py.server_jobs import TablePool
+
+    pool = TablePool(2, "test-pool")
+    ran: list[int] = []
+    done = threading.Event()
+
+    def fail() -> None:
+        raise RuntimeError("a job's own bug")
+
+    with caplog.at_level("ERROR", logger="multiverso_py.server_jobs"):
+        pool.submit(fail)
+        for i in range(20):
+            pool.submit(lambda i=i: ran.append(i))
+        pool.submit(done.set)
+        assert done.wait(10), "the pool stopped serving after a job raised"
+        # the other thread may still be logging the failure
+        assert testing.wait_for(lambda: "a table job failed" in caplog.text, 10), caplog.text
+    assert sorted(ran) == list(range(20))
+    assert "a job's own bug" in caplog.text
+
+    blocker, running = threading.Event(), threading.Event()
+    pool.submit(lambda: (running.set(), blocker.wait(10)))
+    assert running.wait(10)
+    pool.shutdown()
+    pool.submit(lambda: ran.append(-1))  # queued after shutdown: never runs
+    blocker.set()  # the running job finishes
+    for thread in pool._threads:
+        thread.join(10)
+        assert not thread.is_alive(), "a pool thread did not stop after shutdown"
+    assert -1 not in ran
