@@ -60,8 +60,10 @@ def _first_of_runs(ordered: np.ndarray) -> np.ndarray:
 
 
 def unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.unique(values, return_inverse=True) for a 1-D array."""
-    order = np.argsort(values, kind="stable")
+    """np.unique(values, return_inverse=True) for a 1-D array. The sort need not be
+    stable (equal values are interchangeable): numpy's default one is 3x faster than
+    its stable one on 2048 random uint64 (18 against 60 us)."""
+    order = np.argsort(values)
     ordered = values[order]
     first = _first_of_runs(ordered)
     inverse = np.empty(len(values), np.intp)

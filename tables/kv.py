@@ -4,13 +4,15 @@ Keys are carried as uint64 bit patterns, so -1 and 2**64-1 name the same key. A 
 partition is taken from the high 32 bits of its splitmix64 mix and its slot in a shard's
 KeyIndex from the low bits, so the two choices do not correlate.
 
-A table has PARTITIONS_PER_SERVER partitions per server, fixed at creation. More than one,
-so that the scheduler's map can move part of a server's keys without rehashing them and a
-growing shard doubles (copies) only its share of the rows. Few, because every partition
-that a batch touches costs a part with a fixed price (a pool job, a dozen numpy calls per
-probe round, a scatter on the worker) while the GIL gives a server no parallelism across
-its partitions: embedded, 4096-key batches, get-with-insert ran at 1.4M / 1.1M / 0.95M /
-0.6M keys/s with 1 / 2 / 4 / 8 partitions per server (2 cores; 16 cores look the same).
+A table has PARTITIONS_PER_SERVER partitions per server (one), fixed at creation. Every
+partition that a batch touches costs a part with a fixed price (a pool job, a dozen numpy
+calls per probe round, a scatter on the worker) while the GIL gives a server no
+parallelism across its partitions: embedded, 4096-key batches, get-with-insert ran at
+1.4M / 1.1M / 0.95M / 0.6M keys/s with 1 / 2 / 4 / 8 partitions per server (2 cores;
+16 cores look the same), and over sockets the pass of 1M new keys went from 1.86-1.89M
+to 2.09-2.12M keys/s from two to one. A table on one server then sends its keys as
+given, with no hashing on the worker. What one partition per server gives up: a shard
+that grows doubles (copies) all of its server's rows at once, a pause of one request.
 
 Missing keys take an initial row computed on the server from a hash of (table seed, key,
 column): the same key gets the same row whatever the number of servers, and no worker
@@ -40,9 +42,10 @@ from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64
 from multiverso_py import arrayops, context
 from multiverso_py.buffers import results
 from multiverso_py.errors import InvalidArgument
+from multiverso_py.protocol import as_buffer
 from multiverso_py.updaters import Updater, call_args, make_updater
 
-PARTITIONS_PER_SERVER = 2
+PARTITIONS_PER_SERVER = 1
 KEY_DTYPES = ("int64", "uint64")
 INITIAL_ROWS = 64
 _UNIT = 2.0 ** -53
@@ -285,16 +288,20 @@ class KVTable(TableHandle):
 
     def _split(self, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(partition, positions into keys) of every partition that some key falls in."""
-        if self.num_partitions == 2:  # a table on one server: partition_of is the mix's top bit
+        if self.num_partitions == 1:  # a table on one server: no hashing here
+            return [(0, np.arange(len(keys)))] if len(keys) else []
+        if self.num_partitions == 2:  # partition_of is the mix's top bit
             return group_by_partition(mix64(keys) >= _TOP_BIT)
         return group_by_partition(partition_of(keys, self.num_partitions))
 
     def get_async(self, keys: Any) -> Future:
         keys = as_keys(keys)
         result = results.empty((len(keys), self.dim), self.dtype)
+        groups = self._split(keys)
+        if len(groups) == 1:  # the keys go as given, the reply straight into the result
+            return self._submit("get", [Part(groups[0][0], arrays=[keys], dest=[as_buffer(result)])], None, result)
         row_bytes = self.dim * self.dtype.itemsize
-        parts = [Part(p, arrays=[keys[pos]], positions=pos, reply_bytes=len(pos) * row_bytes)
-                 for p, pos in self._split(keys)]
+        parts = [Part(p, arrays=[keys[pos]], positions=pos, reply_bytes=len(pos) * row_bytes) for p, pos in groups]
         return self._submit("get", parts, scatter_rows, result)
 
     def get(self, keys: Any) -> np.ndarray:
@@ -310,8 +317,10 @@ class KVTable(TableHandle):
         if values.shape != (len(keys), self.dim):
             expected = f"{(len(keys), self.dim)}" + (f" or {(len(keys),)}" if self.dim == 1 else "")
             raise InvalidArgument(f"values has shape {values.shape}, expected {expected}")
-        return self._submit("add", [Part(p, dict(args), [keys[pos], np.take(values, pos, axis=0)])
-                                    for p, pos in self._split(keys)])
+        groups = self._split(keys)
+        if len(groups) == 1:  # the caller's arrays go as they are
+            return self._submit("add", [Part(groups[0][0], dict(args), [keys, values])])
+        return self._submit("add", [Part(p, dict(args), [keys[pos], np.take(values, pos, axis=0)]) for p, pos in groups])
 
     def add(self, keys: Any, values: Any, *, lr: Optional[float] = None) -> None:
         """Push `values` into the rows of `keys` through the table's updater (repeated keys

@@ -148,7 +148,7 @@ def test_same_initial_rows_with_one_and_with_three_servers(no_scheduler_env: Non
 def test_partitions_span_every_server(no_scheduler_env: None) -> None:
     with LocalCluster(workers=1, servers=3, log_level="warning") as cluster, mv.init(cluster.address, timeout=20):
         table = mv.KVTable(2, "int64")
-        assert sorted(set(table._info.owners)) == [0, 1, 2] and table.num_partitions > 3
+        assert sorted(table._info.owners) == [0, 1, 2] and table.num_partitions == 3  # one per server
         keys = np.arange(-500, 500)
         table.add(keys, np.stack([keys, -keys], axis=1))
         np.testing.assert_array_equal(table.get(keys[::-1]), np.stack([keys, -keys], axis=1)[::-1])
@@ -156,8 +156,9 @@ def test_partitions_span_every_server(no_scheduler_env: None) -> None:
 
 
 def test_a_two_partition_split_is_partition_of() -> None:
-    """A table on one server splits its keys by the mix's top bit: exactly partition_of's
-    answer for two partitions, so a server's shards get the keys partition_of names."""
+    """A table of two partitions (on two servers) splits its keys by the mix's top bit:
+    exactly partition_of's answer for two partitions, so each server gets the keys
+    partition_of names."""
     keys = np.random.default_rng(3).integers(0, 2**64 - 1, 50_000, dtype=np.uint64, endpoint=True)
     keys[:3] = [0, 2**63, 2**64 - 1]
     groups = dict(kv.group_by_partition(kv.mix64(keys) >= kv._TOP_BIT))
