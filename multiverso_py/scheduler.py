@@ -239,9 +239,9 @@ class Scheduler:
             conn.send_error(frame.req_id, code_for(exc), str(exc))
 
     async def _new_table(self, name: str, spec: TableSpec) -> _TableEntry:
-        restore = self.checkpoints.restored_table(name, spec)
+        restored = self.checkpoints.restored_table(name, spec)
+        restore, layout = restored if restored else (None, tables.layout(spec, len(self.servers)))
         table_id = next(self._table_ids)
-        layout = tables.layout(spec, len(self.servers))
         count = len(layout["bounds"]) - 1 if "bounds" in layout else layout["partitions"]
         server_ids = sorted(self.servers)
         owners = [server_ids[p * len(server_ids) // count] for p in range(count)]

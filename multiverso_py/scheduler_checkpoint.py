@@ -81,8 +81,10 @@ class Checkpoints:
             worker.conn.send(MsgType.SERVER_MOVED, 0, {"server": sid, "host": host, "port": int(port)})
         log.info("server %d is back at %s, restored from %s", sid, node.address, folder)
 
-    def restored_table(self, name: str, spec: TableSpec) -> Optional[dict]:
-        """Where a new table's content comes from in the checkpoint being restored, if any."""
+    def restored_table(self, name: str, spec: TableSpec) -> Optional[tuple[dict, dict]]:
+        """Where a new table's content comes from in the checkpoint being restored, if any,
+        and the layout it was saved with (which the table keeps: another version may split
+        tables differently, and a KV key's partition follows from the layout)."""
         if self._restore is None or name not in self._restore[1]["tables"]:
             return None
         folder, manifest = self._restore
@@ -94,7 +96,7 @@ class Checkpoints:
         if manifest["servers"] != servers:
             raise InvalidArgument(f"checkpoint {folder} was taken with {manifest['servers']} server(s); "
                                   f"restore it with as many (this job has {servers})")
-        return {"dir": str(folder), "table": saved["id"], "files": saved["files"]}
+        return {"dir": str(folder), "table": saved["id"], "files": saved["files"]}, saved["layout"]
 
     # -- periodic checkpoints
     def start_periodic(self, directory: Optional[str] = None, every: Optional[float] = None) -> None:

@@ -202,3 +202,31 @@ def test_load_keeps_only_state_that_every_partition_holds(tmp_path: Path) -> Non
     np.testing.assert_array_equal(table.values, [[0] * 3, [0] * 3, [1] * 3, [1] * 3])
     assert set(table.state) == {"v"}
     np.testing.assert_array_equal(table.state["v"][:, 0], [1, 1, 2, 2])
+
+
+def test_a_table_restores_with_the_partitions_it_was_saved_with(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint keeps each table's layout, and a restored table takes that layout,
+    not the one this version would choose: a checkpoint from a version that split KV and
+    matrix tables in two per server restores whole (KV keys are placed by partition, so
+    a new layout would look for them on the wrong shard)."""
+    from multiverso_py.tables import kv, matrix
+
+    keys = np.random.default_rng(2).integers(-2**62, 2**62, 3000)
+    with monkeypatch.context() as old_version:
+        old_version.setattr(kv, "PARTITIONS_PER_SERVER", 2)
+        old_version.setattr(matrix, "ROW_PARTITIONS_PER_SERVER", 2)
+        with mv.init():
+            table = mv.KVTable(2, name="kv", insert_on_get=False)
+            table.add(keys, np.stack([keys, -keys], axis=1).astype(np.float32))
+            rows = mv.MatrixTable(100_000, 4, name="rows")  # 1.6 MB: split when the version splits
+            rows.add(np.ones((3, 4)), [0, 60_000, 99_999])
+            assert table.num_partitions == 2 and len(rows._info.layout["bounds"]) == 3
+            mv.checkpoint(tmp_path)
+    with mv.init(restore=str(tmp_path)):
+        table = mv.KVTable(2, name="kv", insert_on_get=False)
+        assert table.num_partitions == 2 and len(table) == len(np.unique(keys))
+        np.testing.assert_array_equal(table.get(keys), np.stack([keys, -keys], axis=1).astype(np.float32))
+        rows = mv.MatrixTable(100_000, 4, name="rows")
+        np.testing.assert_array_equal(rows.get([0, 60_000, 99_999, 1]), [[1] * 4] * 3 + [[0] * 4])
+        assert mv.KVTable(2, name="new").num_partitions == 1  # a table not in the checkpoint: this version's layout
