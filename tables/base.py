@@ -255,6 +255,14 @@ def after(first: Future, second: Future) -> Future:
     return both
 
 
+def reply_view(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, for a Part's dest: a reply is received straight
+    into them, so this is never a copy."""
+    if not array.flags.c_contiguous:
+        raise ValueError("a reply destination must be C-contiguous")
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
 def scatter_rows(part: Part, arrays: list, args: dict, out: np.ndarray) -> None:
     """On the I/O thread: a part's reply rows go to their positions in the result."""
     arrayops.put_rows(out, part.positions, arrays[0])

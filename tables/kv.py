@@ -35,6 +35,7 @@ from multiverso_py.tables.base import (
     as_array,
     group_by_partition,
     numpy_of,
+    reply_view,
     scatter_rows,
 )
 from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64_int
@@ -42,7 +43,6 @@ from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64
 from multiverso_py import arrayops, context
 from multiverso_py.buffers import results
 from multiverso_py.errors import InvalidArgument
-from multiverso_py.protocol import as_buffer
 from multiverso_py.updaters import Updater, call_args, make_updater
 
 PARTITIONS_PER_SERVER = 1
@@ -299,7 +299,7 @@ class KVTable(TableHandle):
         result = results.empty((len(keys), self.dim), self.dtype)
         groups = self._split(keys)
         if len(groups) == 1:  # the keys go as given, the reply straight into the result
-            return self._submit("get", [Part(groups[0][0], arrays=[keys], dest=[as_buffer(result)])], None, result)
+            return self._submit("get", [Part(groups[0][0], arrays=[keys], dest=[reply_view(result)])], None, result)
         row_bytes = self.dim * self.dtype.itemsize
         parts = [Part(p, arrays=[keys[pos]], positions=pos, reply_bytes=len(pos) * row_bytes) for p, pos in groups]
         return self._submit("get", parts, scatter_rows, result)

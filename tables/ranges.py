@@ -19,6 +19,7 @@ from multiverso_py.tables.base import (
     as_array,
     check_shape,
     group_by_partition,
+    reply_view,
     scatter_rows,
 )
 
@@ -249,12 +250,12 @@ class RangeTableHandle(TableHandle):
         if rows is None:
             flat = None if result is None else result.reshape(self._num_rows, *self._row_shape)
             parts = [Part(p, {**span, **args}, [] if delta is None else [delta[lo:hi]],
-                          None if flat is None else [_bytes_of(flat[lo:hi])]) for p, lo, hi, span in self._spans()]
+                          None if flat is None else [reply_view(flat[lo:hi])]) for p, lo, hi, span in self._spans()]
             return self._submit(op, parts, None, result)
         groups = self._ranges.split(rows)
         if len(groups) == 1:  # the caller's arrays go as they are; a reply goes straight into the result
             arrays = [rows] if delta is None else [rows, delta]
-            dest = None if result is None else [_bytes_of(result)]
+            dest = None if result is None else [reply_view(result)]
             return self._submit(op, [Part(groups[0][0], dict(args), arrays, dest)], None, result)
         row_bytes = 0 if result is None else result.nbytes // max(1, len(rows))
         parts = [Part(p, dict(args), [rows[pos]] if delta is None else [rows[pos], np.take(delta, pos, axis=0)],
@@ -274,8 +275,3 @@ def result_array(out: Optional[np.ndarray], shape: tuple, dtype: np.dtype) -> np
         raise InvalidArgument("out= must be C-contiguous and writeable")
     return out
 
-
-
-
-def _bytes_of(array: np.ndarray) -> memoryview:
-    return memoryview(array.reshape(-1).view(np.uint8))
