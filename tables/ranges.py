@@ -141,6 +141,7 @@ class DenseRowShard:
     def add(self, args: dict, arrays: list) -> tuple[dict, list]:
         rows, delta = self._delta(args, arrays)
         self.updater.apply(delta, rows, args)
+        self._changed(rows)
         return {}, []
 
     def check_add(self, args: dict, arrays: list) -> None:
@@ -152,7 +153,12 @@ class DenseRowShard:
     def set(self, args: dict, arrays: list) -> tuple[dict, list]:
         rows, values = self._delta(args, arrays)
         self.data[slice(None) if rows is None else rows] = values
+        self._changed(rows)
         return {}, []
+
+    def _changed(self, rows: Any) -> None:
+        """An add or set just wrote these local rows (ids, a span, or None: all of them),
+        for a shard that tracks changes."""
 
     def checkpoint_arrays(self) -> dict[str, np.ndarray]:
         """What a checkpoint keeps of this partition: its rows and their updater state."""

@@ -77,27 +77,16 @@ class SparseRowShard(DenseRowShard):
         ids = np.add(changed, self.lo, out=alloc(changed.shape, np.int64))
         return {}, [ids, arrayops.gather_rows(self.data, changed, alloc)]
 
-    def add(self, args: dict, arrays: list) -> tuple[dict, list]:
-        result = super().add(args, arrays)
-        self._changed(args, arrays)
-        return result
-
-    def set(self, args: dict, arrays: list) -> tuple[dict, list]:
-        result = super().set(args, arrays)
-        self._changed(args, arrays)
-        return result
-
     def restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         super().restore_arrays(arrays)
         self._fresh[...] = 0  # restored rows are news to every worker
 
-    def _changed(self, args: dict, arrays: list) -> None:
-        """Every worker's flags of the rows a (checked) add or set changed go."""
-        if len(arrays) == 2:
-            rows = arrays[0] - self.lo if self.lo else arrays[0]
-            arrayops.put_rows(self._fresh, rows, np.zeros((len(rows), self._fresh.shape[1]), np.uint8))
+    def _changed(self, rows: Any) -> None:
+        """Every worker's flags of the rows an add or set wrote go."""
+        if rows is None or isinstance(rows, slice):
+            self._fresh[slice(None) if rows is None else rows] = 0
         else:
-            self._fresh[self._span(args) or slice(None)] = 0
+            arrayops.put_rows(self._fresh, rows, np.zeros((len(rows), self._fresh.shape[1]), np.uint8))
 
 
 class _Cache:
