@@ -185,3 +185,38 @@ def test_table_pool_runs_jobs_logs_escaped_errors_and_drops_queued_jobs_on_shutd
         thread.join(10)
         assert not thread.is_alive(), "a pool thread did not stop after shutdown"
     assert -1 not in ran
+
+
+def test_table_pool_gives_each_job_to_the_thread_that_went_idle_last_and_runs_a_backlog_in_order() -> None:
+    from multiverso_py.server_jobs import TablePool
+
+    pool = TablePool(3, "test-pool")
+    try:
+        # One request at a time (a synchronous caller): always the same thread, whose
+        # cache is warm; the others are never woken.
+        names = []
+        for _ in range(50):
+            done = threading.Event()
+            pool.submit(lambda done=done: (names.append(threading.current_thread().name), done.set()))
+            assert done.wait(10)
+            assert testing.wait_for(lambda: len(pool._idle) == 3, 10), "a thread did not go idle after its job"
+        assert len(set(names)) == 1, names
+
+        # Jobs that arrive while every thread is busy wait, and run in arrival order
+        # once a thread is free; the busy ones run side by side.
+        release = [threading.Event() for _ in range(3)]
+        running = [threading.Event() for _ in range(3)]
+        order: list[int] = []
+        for i in range(3):
+            pool.submit(lambda i=i: (running[i].set(), release[i].wait(10)))
+        assert all(event.wait(10) for event in running), "the pool did not run three jobs at once"
+        for i in range(5):
+            pool.submit(lambda i=i: order.append(i))
+        assert order == []
+        release[0].set()  # one thread free: it drains the backlog alone
+        assert testing.wait_for(lambda: len(order) == 5, 10), order
+        assert order == list(range(5))
+        for event in release:
+            event.set()
+    finally:
+        pool.shutdown()
