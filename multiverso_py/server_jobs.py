@@ -78,11 +78,11 @@ class TablePool:
             except Exception:
                 log.exception("a table job failed")
             with self._lock:
-                job = self._backlog.popleft() if self._backlog else None
-                if job is None:
-                    self._idle.append(inbox)
-            if job is None:
-                job = inbox.get()
+                if self._backlog:
+                    job = self._backlog.popleft()
+                    continue
+                self._idle.append(inbox)
+            job = inbox.get()
 
 
 class Turns:
