@@ -18,6 +18,7 @@ import numpy as np
 
 from multiverso_py.arrayops import RepeatSums, put_rows
 from multiverso_py.errors import InvalidArgument
+from multiverso_py.growing import GrowingArray
 
 Rows = Union[None, slice, np.ndarray]  # all rows, a span of them, or local row numbers
 Check = Callable[[str, str, Any], Any]  # (updater, option, value) -> normalized value
@@ -111,6 +112,7 @@ class Updater:
         self.lr: Optional[float] = self.config.get(self.lr_option)
         self._state: dict[str, np.ndarray] = {name: np.zeros_like(data) for name in self.value_state}
         self._state.update((name, np.zeros(len(data), np.int64)) for name in self.row_state)
+        self._growing: dict[str, GrowingArray] = {}  # state of a shard that grows, once it has
         self.repeat_sums = RepeatSums()  # partitions serialise their requests: one scratch per shard is enough
 
     def call_lr(self, args: dict) -> Optional[float]:
@@ -158,10 +160,12 @@ class Updater:
 
     def resize(self, data: np.ndarray) -> None:
         """The shard grew (a hash table's storage): `data` replaces `self.data`, its first
-        rows holding the old rows; state arrays grow to match, new rows zero."""
+        rows holding the old rows; state arrays grow to match (in place), new rows zero."""
         self.data = data
         for name, array in self._state.items():
-            self._state[name] = grown(array, len(data), np.zeros)
+            if name not in self._growing:
+                self._growing[name] = GrowingArray.holding(array)
+            self._state[name] = self._growing[name].grow(len(data))
 
     def inserted(self, span: slice) -> None:
         """Rows in `span` were just created with their initial values (a hash table's new
@@ -170,9 +174,9 @@ class Updater:
             array[span] = 0
 
 
-def grown(array: np.ndarray, rows: int, alloc: Callable = np.empty) -> np.ndarray:
+def grown(array: np.ndarray, rows: int) -> np.ndarray:
     """A copy of array with `rows` rows, the old ones first."""
-    out = alloc((rows, *array.shape[1:]), array.dtype)
+    out = np.empty((rows, *array.shape[1:]), array.dtype)
     out[:len(array)] = array
     return out
 

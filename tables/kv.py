@@ -12,7 +12,7 @@ parallelism across its partitions: embedded, 4096-key batches, get-with-insert r
 16 cores look the same), and over sockets the pass of 1M new keys went from 1.86-1.89M
 to 2.09-2.12M keys/s from two to one. A table on one server then sends its keys as
 given, with no hashing on the worker. What one partition per server gives up: a shard
-that grows doubles (copies) all of its server's rows at once, a pause of one request.
+that grows rehashes the index of all of its server's keys at once, a pause of one request.
 
 Missing keys take an initial row computed on the server from a hash of (table seed, key,
 column): the same key gets the same row whatever the number of servers, and no worker
@@ -43,6 +43,7 @@ from multiverso_py.tables.keyindex import GOLDEN, MASK64, KeyIndex, mix64, mix64
 from multiverso_py import arrayops, context
 from multiverso_py.buffers import results
 from multiverso_py.errors import InvalidArgument
+from multiverso_py.growing import GrowingArray
 from multiverso_py.updaters import Updater, call_args, make_updater
 
 PARTITIONS_PER_SERVER = 1
@@ -143,8 +144,8 @@ def initial_rows(init: list, seed: int, keys: np.ndarray, dim: int, dtype: np.dt
 
 
 class KVShard:
-    """One partition of a KV table on a server: rows in one array that doubles as it fills
-    (amortized O(1) per insert), found through a KeyIndex."""
+    """One partition of a KV table on a server: rows in one array that grows in place as
+    it fills (multiverso_py.growing: no copy of the rows held), found through a KeyIndex."""
 
     def __init__(self, spec: TableSpec):
         options = spec.table_options
@@ -154,7 +155,8 @@ class KVShard:
         self.insert_on_get = bool(options["insert_on_get"])
         self.index = KeyIndex()
         self.size = 0
-        self.data = np.zeros((INITIAL_ROWS, self.dim), dtype=self.dtype)
+        self.rows = GrowingArray((INITIAL_ROWS, self.dim), self.dtype)
+        self.data = self.rows.array
         self.updater: Updater = make_updater(spec.updater, spec.options, self.data)
 
     def _keys(self, arrays: list, count: int, op: str) -> np.ndarray:
@@ -177,10 +179,8 @@ class KVShard:
             capacity = len(self.data)
             while capacity < end:
                 capacity *= 2
-            grown = np.empty((capacity, self.dim), dtype=self.dtype)
-            grown[:start] = self.data[:start]
-            self.data = grown
-            self.updater.resize(grown)
+            self.data = self.rows.grow(capacity)
+            self.updater.resize(self.data)
         self.index.insert(new_keys, np.arange(start, end))
         self.data[start:end] = initial_rows(self.init, self.seed, new_keys, self.dim, self.dtype)
         self.updater.inserted(slice(start, end))
@@ -243,7 +243,8 @@ class KVShard:
     def restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         keys = np.asarray(arrays["keys"], np.uint64)
         capacity = max(INITIAL_ROWS, 1 << int(len(keys)).bit_length())
-        self.data = np.zeros((capacity, self.dim), dtype=self.dtype)
+        self.rows = GrowingArray((capacity, self.dim), self.dtype)
+        self.data = self.rows.array
         self.updater.resize(self.data)
         self.index.insert(keys, np.arange(len(keys)))
         self.data[:len(keys)] = arrays["data"]

@@ -378,6 +378,9 @@ def test_shard_tracks_more_workers_than_its_first_flags_hold() -> None:
     for worker in range(9):
         assert _moved(shard, worker, [12, 20, 29]) == [20], worker  # 20: changed, and never sent
         assert _moved(shard, worker, [12, 20, 29]) == []
+    shard.add({}, [np.array([29], np.int64), np.ones((1, 2), np.float32)])  # with the grown flags
+    for worker in range(9):
+        assert _moved(shard, worker, [12, 29]) == [29], worker
     shard.set({"lo": 0, "hi": 5}, [np.zeros((5, 2), np.float32)])  # a span: rows 10..14
     assert _moved(shard, 7, [10, 14, 15, 29]) == [10, 14, 15]  # 15: never sent to worker 7
     shard.restore_arrays({"data": shard.data.copy()})
