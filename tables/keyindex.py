@@ -9,6 +9,8 @@ per key.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -49,7 +51,8 @@ class KeyIndex:
     """uint64 key -> int64 row, with linear probing over a power-of-two slot array.
 
     `lookup(keys)` gives each key's row or -1; `insert(keys, rows)` adds keys that are
-    distinct and not present. The load factor stays <= 0.5: an insert that would pass it
+    distinct and not present; `find_or_insert(keys, next_row)` does both, numbering the
+    new keys' rows. The load factor stays <= 0.5: an insert that would pass it
     first rehashes into twice (or more) the slots, copying only the index. There is no
     delete (a table's keys only accumulate), so no tombstones are needed.
     """
@@ -109,14 +112,24 @@ class KeyIndex:
             raise ValueError(f"keys {keys.shape} and rows {rows.shape} must be 1-D of one length")
         if rows.size and rows.min() < 0:
             raise ValueError("rows must be >= 0: negative rows mark empty slots")
-        needed = 2 * (self._size + len(keys))
-        if needed > self.capacity:
-            self._rehash(needed)
+        self._make_room(len(keys))
         if self._size:
-            self._place(keys, rows)
+            self._settle(keys, rows)
         else:
             self._fill(keys, rows)
         self._size += len(keys)
+
+    def find_or_insert(self, keys: np.ndarray, next_row: int) -> tuple[np.ndarray, np.ndarray]:
+        """The row of every key of a 1-D uint64 array (keys may repeat), inserting the
+        absent ones: each distinct new key takes the next of next_row, next_row + 1, ...
+        Returns (rows, the new keys in the order of their rows). One probing pass, where a
+        lookup and then an insert probe twice, and repeated new keys are found as they
+        collide (no sort)."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        self._make_room(len(keys))
+        rows, new = self._settle(keys, None, next_row)
+        self._size += len(new)
+        return rows, keys[new]
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, rows) of every entry, in slot order."""
@@ -141,7 +154,7 @@ class KeyIndex:
         their home slots, each key goes to its home or, if that is taken, to the slot after
         the previous key's. That is a layout linear probing could have built (the slots
         from a key's home to its own are all taken), and one sequential pass: 2-3x faster
-        than _place's scattered probe rounds on a rehash of 500k keys. Keys in the order
+        than _settle's scattered probe rounds on a rehash of 500k keys. Keys in the order
         of an index's slots (a rehash's) come nearly sorted by home, which the stable
         sort (timsort) goes through in close to linear time."""
         home = self._home(keys)
@@ -152,7 +165,7 @@ class KeyIndex:
         self._keys[slots[:inside]] = keys[order[:inside]]
         self._rows[slots[:inside]] = rows[order[:inside]]
         if inside < len(keys):  # the last run went past the end: the rest wrap around
-            self._place(keys[order[inside:]], rows[order[inside:]])
+            self._settle(keys[order[inside:]], rows[order[inside:]])
 
     def _window(self, start: np.ndarray, width: int) -> np.ndarray:
         """Slots start .. start+width-1 (wrapping) of every key: a (len(start), width) array."""
@@ -160,32 +173,68 @@ class KeyIndex:
         self.probes += len(start) * width
         return (start[:, None] + np.arange(width)) & (self.capacity - 1)
 
-    def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Write new keys into free slots. Each round, every pending key claims the first
-        free slot in its window; of the keys that claim the same slot one takes it and
-        the others go on after it, exactly as if they had been inserted one by one in
-        some order."""
+    def _make_room(self, count: int) -> None:
+        """Rehash if `count` more keys could take the load factor past 0.5."""
+        needed = 2 * (self._size + count)
+        if needed > self.capacity:
+            self._rehash(needed)
+
+    def _settle(self, keys: np.ndarray, given: Optional[np.ndarray], next_row: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Find or insert every key: (each key's row, positions in keys of the keys
+        inserted, in the order of their rows). New keys take given[position], or with
+        given None the rows from next_row on.
+
+        Each round every pending key examines its window (its home slot first): a hit
+        ends it; otherwise it claims the window's first free slot (an absent key can
+        lie nowhere past a free slot, as keys are never deleted). Of the keys that claim
+        one slot, one takes it: the others go on after it, exactly as if they had been
+        inserted one by one in some order, except those that find their own key there,
+        a repeat of the winner's."""
         mask = self.capacity - 1
-        start = self._home(keys)
-        todo = np.arange(len(keys))
-        width = 1
+        out = np.empty(0, np.int64)  # the home round's rows, for no keys
+        todo, start = np.arange(len(keys)), self._home(keys)
+        inserted: list[np.ndarray] = []
+        home_round = True
         while len(todo):
-            free = self._rows[self._window(start, width)] == EMPTY
-            if width == 1:  # the home slot
-                has_free, first = free[:, 0], 0
+            if home_round:  # on flat arrays: most keys end there
+                self.rounds, self.probes = self.rounds + 1, self.probes + len(keys)
+                out = found = np.take(self._rows, start)  # right for the hits; the rest are set below
+                has_free = found == EMPTY
+                has_hit = ~has_free & (np.take(self._keys, start) == keys)
+                claimers = np.flatnonzero(has_free)  # a free home is no hit
+                free_at, width, home_round = start, 1, False
             else:
-                has_free, first = _window_bytes(free) != 0, free.argmax(axis=1)
-            claim = (start + first) & mask
-            claimers = np.flatnonzero(has_free)
-            # Each claimed slot keeps one of the markers written to it: that claimer wins.
-            marker = -2 - claimers
-            self._rows[claim[claimers]] = marker
-            won = claimers[self._rows[claim[claimers]] == marker]
-            self._keys[claim[won]] = keys[todo[won]]
-            self._rows[claim[won]] = rows[todo[won]]
-            pending = np.ones(len(todo), dtype=bool)
-            pending[won] = False
-            # A loser's claimed slot is taken now: it goes on from the next one.
-            start = np.where(has_free, claim + 1, start + width) & mask
-            todo, start = todo[pending], start[pending]
-            width = WINDOW
+                slots = self._window(start, WINDOW)
+                found = np.take(self._rows, slots)
+                free = found == EMPTY
+                hit = ~free & (np.take(self._keys, slots) == keys[todo, None])
+                has_hit, has_free = _window_bytes(hit) != 0, _window_bytes(free) != 0
+                out[todo[has_hit]] = found[has_hit, hit[has_hit].argmax(axis=1)]
+                claimers = np.flatnonzero(~has_hit & has_free)
+                free_at, width = start + free.argmax(axis=1), WINDOW
+            pending = ~(has_hit | has_free)  # neither: look at the next window
+            start = start + width
+            if len(claimers):
+                claim = free_at[claimers] & mask
+                # Each claimed slot keeps one of the markers written to it: that claimer wins.
+                marker = -2 - claimers
+                self._rows[claim] = marker
+                won = self._rows[claim] == marker
+                winners, taken = todo[claimers[won]], claim[won]
+                if given is None:
+                    new_rows = np.arange(next_row, next_row + len(winners))
+                    next_row += len(winners)
+                else:
+                    new_rows = given[winners]
+                self._keys[taken] = keys[winners]
+                self._rows[taken] = new_rows
+                out[winners] = new_rows
+                inserted.append(winners)
+                losers, lost = claimers[~won], claim[~won]
+                twin = self._keys[lost] == keys[todo[losers]]  # the winner was this very key
+                out[todo[losers[twin]]] = self._rows[lost[twin]]
+                pending[losers[~twin]] = True  # the others go on after the slot they lost
+                start[losers[~twin]] = lost[~twin] + 1
+            todo, start = todo[pending], start[pending] & mask
+        return out, (np.concatenate(inserted) if inserted else np.empty(0, np.intp))

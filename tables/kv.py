@@ -167,25 +167,21 @@ class KVShard:
             raise InvalidArgument(f"KV keys must be a 1-D uint64 array, got {keys.dtype}{list(keys.shape)}")
         return keys
 
-    def _insert_missing(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Give the keys whose row is -1 new rows with their initial content; fills them
-        into rows and returns it."""
-        missing = rows < 0
-        if not missing.any():
-            return rows
-        new_keys, inverse = arrayops.unique_inverse(keys[missing])
-        start, end = self.size, self.size + len(new_keys)
-        if end > len(self.data):
-            capacity = len(self.data)
-            while capacity < end:
-                capacity *= 2
-            self.data = self.rows.grow(capacity)
-            self.updater.resize(self.data)
-        self.index.insert(new_keys, np.arange(start, end))
-        self.data[start:end] = initial_rows(self.init, self.seed, new_keys, self.dim, self.dtype)
-        self.updater.inserted(slice(start, end))
-        self.size = end
-        rows[missing] = start + inverse.reshape(-1)
+    def _rows_of(self, keys: np.ndarray) -> np.ndarray:
+        """The row of every key; missing keys get new rows with their initial content."""
+        start = self.size
+        rows, new_keys = self.index.find_or_insert(keys, start)
+        if len(new_keys):
+            end = start + len(new_keys)
+            if end > len(self.data):
+                capacity = len(self.data)
+                while capacity < end:
+                    capacity *= 2
+                self.data = self.rows.grow(capacity)
+                self.updater.resize(self.data)
+            self.data[start:end] = initial_rows(self.init, self.seed, new_keys, self.dim, self.dtype)
+            self.updater.inserted(slice(start, end))
+            self.size = end
         return rows
 
     def get(self, args: dict, arrays: list, alloc: arrayops.Alloc = np.empty) -> tuple[dict, list]:
@@ -195,11 +191,11 @@ class KVShard:
                 raise InvalidArgument(f"a KV get has no op {args['op']!r:.40}")
             return {"count": self.size}, []
         keys = self._keys(arrays, 1, "get")
-        rows = self.index.lookup(keys)
         if self.insert_on_get:
-            rows = self._insert_missing(keys, rows)  # may grow (replace) self.data
+            rows = self._rows_of(keys)  # may grow (replace) self.data
             self.updater.pulled(args.get("w"), rows)
             return {}, [arrayops.gather_rows(self.data, rows, alloc)]
+        rows = self.index.lookup(keys)
         found = rows >= 0
         present = rows[found]
         self.updater.pulled(args.get("w"), present)
@@ -211,8 +207,7 @@ class KVShard:
     def add(self, args: dict, arrays: list) -> tuple[dict, list]:
         """Add values to the rows of keys (missing keys start from their initial row)."""
         keys, values = self._keys_and_values(arrays)
-        rows = self._insert_missing(keys, self.index.lookup(keys))
-        self.updater.apply(values, rows, args)
+        self.updater.apply(values, self._rows_of(keys), args)
         return {}, []
 
     def check_add(self, args: dict, arrays: list) -> None:

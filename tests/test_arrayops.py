@@ -13,15 +13,6 @@ ids = arrays(np.int64, st.integers(0, 300), elements=st.integers(-5, 40))
 
 
 @settings(max_examples=200, deadline=None)
-@given(ids)
-def test_unique_inverse_matches_numpy(values: np.ndarray) -> None:
-    distinct, inverse = arrayops.unique_inverse(values)
-    expected, expected_inverse = np.unique(values, return_inverse=True)
-    np.testing.assert_array_equal(distinct, expected)
-    np.testing.assert_array_equal(inverse, expected_inverse.reshape(-1))
-
-
-@settings(max_examples=200, deadline=None)
 @given(ids, st.sampled_from([(), (3,), (2, 2)]), st.sampled_from(["float32", "int64"]))
 def test_add_rows_sums_repeats_like_add_at(values: np.ndarray, row_shape: tuple, dtype: str) -> None:
     rows = values + 5  # row numbers 0..45

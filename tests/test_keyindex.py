@@ -70,6 +70,22 @@ def test_inserts_in_any_batching(keys: list[int], batch: int) -> None:
     assert (index.lookup(absent) == -1).all()
 
 
+@settings(max_examples=80, deadline=None)
+@given(batches)
+def test_find_or_insert_matches_a_dict(batch_list: list[list[int]]) -> None:
+    """Repeats within a batch (colliding and wrapping keys among them) get one row; new
+    keys take the next rows in the order returned."""
+    index, reference = KeyIndex(), {}
+    for batch in batch_list:
+        keys = np.array(batch, dtype=np.uint64)
+        rows, new = index.find_or_insert(keys, len(reference))
+        assert new.dtype == np.uint64 and len(set(new.tolist())) == len(new)
+        assert set(new.tolist()) == set(batch) - set(reference)
+        reference.update(zip(new.tolist(), range(len(reference), len(reference) + len(new))))
+        assert rows.tolist() == [reference[k] for k in batch]
+    check_contents(index, reference)
+
+
 def test_one_long_cluster_with_wraparound() -> None:
     """All keys share the last home slot: one cluster that wraps past the end, placed
     within one batch (in-batch collisions on every slot) and found again."""
@@ -80,6 +96,13 @@ def test_one_long_cluster_with_wraparound() -> None:
     np.testing.assert_array_equal(index.lookup(keys), np.arange(60))
     np.testing.assert_array_equal(index.lookup(keys[::-1]), np.arange(60)[::-1])
     assert (index.lookup(np.array(_same_home(127, 70, slots=128)[60:], dtype=np.uint64)) == -1).all()
+    more = np.array(_same_home(127, 70, slots=128)[55:], dtype=np.uint64)  # 5 present, 10 new, twice each
+    rows, new = index.find_or_insert(np.r_[more, more[::-1]], 100)
+    assert index.capacity == 256 and len(new) == 10 and set(new.tolist()) == set(more[5:].tolist())
+    np.testing.assert_array_equal(rows[:15], rows[15:][::-1])
+    np.testing.assert_array_equal(rows[:5], np.arange(55, 60))
+    assert sorted(rows[5:15].tolist()) == list(range(100, 110))
+    np.testing.assert_array_equal(index.lookup(new), np.arange(100, 110))
 
 
 def test_growth_over_many_rehashes() -> None:
