@@ -203,7 +203,7 @@ class KeyIndex:
                 has_free = found == EMPTY
                 has_hit = ~has_free & (np.take(self._keys, start) == keys)
                 claimers = np.flatnonzero(has_free)  # a free home is no hit
-                free_at, width, home_round = start, 1, False
+                claim, width, home_round = start[claimers], 1, False
             else:
                 slots = self._window(start, WINDOW)
                 found = np.take(self._rows, slots)
@@ -212,11 +212,10 @@ class KeyIndex:
                 has_hit, has_free = _window_bytes(hit) != 0, _window_bytes(free) != 0
                 out[todo[has_hit]] = found[has_hit, hit[has_hit].argmax(axis=1)]
                 claimers = np.flatnonzero(~has_hit & has_free)
-                free_at, width = start + free.argmax(axis=1), WINDOW
-            pending = ~(has_hit | has_free)  # neither: look at the next window
-            start = start + width
+                claim, width = (start[claimers] + free[claimers].argmax(axis=1)) & mask, WINDOW
+            neither = ~(has_hit | has_free)  # these look at the next window
+            next_todo, next_start = todo[neither], (start[neither] + width) & mask
             if len(claimers):
-                claim = free_at[claimers] & mask
                 # Each claimed slot keeps one of the markers written to it: that claimer wins.
                 marker = -2 - claimers
                 self._rows[claim] = marker
@@ -231,10 +230,11 @@ class KeyIndex:
                 self._rows[taken] = new_rows
                 out[winners] = new_rows
                 inserted.append(winners)
-                losers, lost = claimers[~won], claim[~won]
-                twin = self._keys[lost] == keys[todo[losers]]  # the winner was this very key
-                out[todo[losers[twin]]] = self._rows[lost[twin]]
-                pending[losers[~twin]] = True  # the others go on after the slot they lost
-                start[losers[~twin]] = lost[~twin] + 1
-            todo, start = todo[pending], start[pending] & mask
+                losers, lost = todo[claimers[~won]], claim[~won]
+                twin = self._keys[lost] == keys[losers]  # the winner was this very key
+                out[losers[twin]] = self._rows[lost[twin]]
+                # The others go on after the slot they lost.
+                next_todo = np.concatenate([next_todo, losers[~twin]])
+                next_start = np.concatenate([next_start, (lost[~twin] + 1) & mask])
+            todo, start = next_todo, next_start
         return out, (np.concatenate(inserted) if inserted else np.empty(0, np.intp))
