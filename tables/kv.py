@@ -155,9 +155,13 @@ class KVShard:
         self.insert_on_get = bool(options["insert_on_get"])
         self.index = KeyIndex()
         self.size = 0
-        self.rows = GrowingArray((INITIAL_ROWS, self.dim), self.dtype)
-        self.data = self.rows.array
+        self._storage = GrowingArray((INITIAL_ROWS, self.dim), self.dtype)
         self.updater: Updater = make_updater(spec.updater, spec.options, self.data)
+
+    @property
+    def data(self) -> np.ndarray:
+        """The rows, as many as the storage holds now (the first `size` are keys')."""
+        return self._storage.array
 
     def _keys(self, arrays: list, count: int, op: str) -> np.ndarray:
         if len(arrays) != count:
@@ -177,8 +181,7 @@ class KVShard:
                 capacity = len(self.data)
                 while capacity < end:
                     capacity *= 2
-                self.data = self.rows.grow(capacity)
-                self.updater.resize(self.data)
+                self.updater.resize(self._storage.grow(capacity))
             self.data[start:end] = initial_rows(self.init, self.seed, new_keys, self.dim, self.dtype)
             self.updater.inserted(slice(start, end))
             self.size = end
@@ -238,8 +241,7 @@ class KVShard:
     def restore_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         keys = np.asarray(arrays["keys"], np.uint64)
         capacity = max(INITIAL_ROWS, 1 << int(len(keys)).bit_length())
-        self.rows = GrowingArray((capacity, self.dim), self.dtype)
-        self.data = self.rows.array
+        self._storage = GrowingArray((capacity, self.dim), self.dtype)
         self.updater.resize(self.data)
         self.index.insert(keys, np.arange(len(keys)))
         self.data[:len(keys)] = arrays["data"]
