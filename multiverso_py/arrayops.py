@@ -19,6 +19,20 @@ from typing import Any, Callable
 import numpy as np
 
 
+CACHE_LINE = 64  # bytes
+
+
+def aligned_zeros(shape: tuple, dtype: Any) -> np.ndarray:
+    """np.zeros(shape, dtype) starting on a cache line. A large numpy array starts 16
+    bytes into its pages (after malloc's header), so each 64-byte row of a table spans
+    two cache lines; aligned, a row read or written at random touches one."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(nbytes + CACHE_LINE, np.uint8)
+    start = -raw.ctypes.data % CACHE_LINE
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def below(index: np.ndarray, size: int) -> bool:
     """Whether every int64 index is in [0, size): one pass, as unsigned (negatives wrap
     to huge values), where a min and a max take two."""

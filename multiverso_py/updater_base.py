@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from multiverso_py.arrayops import RepeatSums, put_rows
+from multiverso_py.arrayops import RepeatSums, aligned_zeros, put_rows
 from multiverso_py.errors import InvalidArgument
 from multiverso_py.growing import GrowingArray
 
@@ -110,7 +110,8 @@ class Updater:
                                   "only 'add' works on integer tables")
         self.data = data
         self.lr: Optional[float] = self.config.get(self.lr_option)
-        self._state: dict[str, np.ndarray] = {name: np.zeros_like(data) for name in self.value_state}
+        self._state: dict[str, np.ndarray] = {name: aligned_zeros(data.shape, data.dtype)
+                                               for name in self.value_state}
         self._state.update((name, np.zeros(len(data), np.int64)) for name in self.row_state)
         self._growing: dict[str, GrowingArray] = {}  # state of a shard that grows, once it has
         self.repeat_sums = RepeatSums()  # partitions serialise their requests: one scratch per shard is enough

@@ -89,7 +89,7 @@ class DenseRowShard:
 
     def __init__(self, spec: TableSpec, row_shape: tuple[int, ...], lo: int, hi: int):
         self.lo, self.hi = lo, hi
-        self.data = np.zeros((hi - lo, *row_shape), dtype=spec.dtype)
+        self.data = arrayops.aligned_zeros((hi - lo, *row_shape), spec.dtype)
         self.updater: Updater = make_updater(spec.updater, spec.options, self.data)
 
     def _local_rows(self, rows: np.ndarray) -> np.ndarray:

@@ -118,7 +118,7 @@ class SparseMatrixTable(MatrixTable):
         key = (self._runtime, info.table_id)
         self._shared = _caches.get(key)
         if self._shared is None:
-            self._shared = _caches[key] = _Cache(np.zeros(info.spec.shape, np.dtype(info.spec.dtype)))
+            self._shared = _caches[key] = _Cache(arrayops.aligned_zeros(info.spec.shape, info.spec.dtype))
         self._cache = self._shared.values
 
     def get_async(self, row_ids: Any = None, *, out: Optional[np.ndarray] = None) -> Future:

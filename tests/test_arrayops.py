@@ -70,3 +70,28 @@ def test_distinct_keeps_each_row_once(values: np.ndarray) -> None:
         distinct = repeats.distinct(rows, 46)
         assert len(distinct) == len(np.unique(rows))
         np.testing.assert_array_equal(np.sort(distinct), np.unique(rows))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sampled_from([(0,), (5,), (1000, 16), (3, 5, 7), (4096, 3)]),
+       st.sampled_from(["float32", "float64", "int64", "float16"]))
+def test_aligned_zeros_are_zeros_on_a_cache_line(shape: tuple, dtype: str) -> None:
+    array = arrayops.aligned_zeros(shape, dtype)
+    assert array.shape == shape and array.dtype == np.dtype(dtype)
+    assert array.flags.c_contiguous and array.flags.writeable
+    assert not array.any()
+    if array.size:
+        assert array.ctypes.data % arrayops.CACHE_LINE == 0
+    array[...] = 1  # the whole extent is its own
+    assert array.sum() == array.size
+
+
+def test_row_shards_and_their_updater_state_start_on_a_cache_line() -> None:
+    from multiverso_py.tables.base import TableSpec
+    from multiverso_py.tables.ranges import DenseRowShard
+
+    spec = TableSpec(kind="matrix", shape=(100_000, 16), dtype="float32", updater="adam")
+    shard = DenseRowShard(spec, (16,), 0, 100_000)
+    assert shard.data.ctypes.data % arrayops.CACHE_LINE == 0
+    assert all(state.ctypes.data % arrayops.CACHE_LINE == 0 for state in shard.updater.state().values()
+               if state.ndim == 2)
