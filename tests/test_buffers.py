@@ -67,6 +67,17 @@ def test_result_memory_is_reused_only_once_every_view_is_gone() -> None:
     assert memory._kept == 0
 
 
+def test_a_4096_row_result_is_reused_by_default() -> None:
+    """256 KiB results, made and dropped each request, must not churn the C heap."""
+    memory = ResultMemory()
+    first = memory.empty((4096, 16), np.float32)
+    first_bytes = first.nbytes
+    address = _address(first)
+    del first
+    assert memory._kept == first_bytes  # kept mapped, not handed back to malloc
+    assert _address(memory.empty((4096, 16), np.float32)) == address
+
+
 def test_result_memory_is_bounded_and_leaves_small_arrays_to_numpy() -> None:
     memory = ResultMemory(keep_bytes=3 << 20, min_bytes=1 << 20)
     assert memory.empty((10,), np.float64).flags.owndata  # np.empty's own
