@@ -7,10 +7,10 @@ get into fresh memory: 12-160 ms, into reused memory 8-11 ms).
 - The server hands its receive buffers back once a request is applied, and the next
   push of the same size receives into them.
 - A worker's large results come from memory that earlier results gave back when the
-  last array viewing them went away. From 64 KiB up, since glibc
-  returns the top of its heap to the kernel once more than 128 KiB there is free, so a
-  256 KiB result made and dropped each request (4096 rows of 16 float32) could grow
-  and shrink the heap three times a get and fault its pages in again."""
+  last array viewing them went away. From 64 KiB up, since glibc returns the top of
+  its heap to the kernel once more than 128 KiB there is free: a 256 KiB result made
+  and dropped each request (4096 rows of 16 float32) could grow and shrink the heap
+  three times a get and fault its pages in again."""
 
 from __future__ import annotations
 
