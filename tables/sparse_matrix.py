@@ -133,8 +133,8 @@ class SparseMatrixTable(MatrixTable):
         else:
             with self._shared.lock:
                 distinct = self._shared.repeats.distinct(rows, self.num_rows)
-            parts = [Part(p, args, [distinct[pos]], reply_bytes=len(pos) * row_bytes)
-                     for p, pos in self._ranges.split(distinct)]
+            parts = [Part(p, args, [distinct if len(pos) == len(distinct) else distinct[pos]],
+                          reply_bytes=len(pos) * row_bytes) for p, pos in self._ranges.split(distinct)]
         future = self._submit("get", parts, self._merge_rows, result,
                               finish=lambda res: _copy_rows(self._cache, rows, res))
         future.add_done_callback(self._on_get_done)
