@@ -15,7 +15,7 @@ from typing import Any, Optional
 from multiverso_py import context
 from multiverso_py.auth import Auth, load_auth
 from multiverso_py.client import Client, ClientConfig
-from multiverso_py.direct import POLL_LIMIT
+from multiverso_py.polling import poll_limit_from_env
 from multiverso_py.errors import InvalidArgument, NotInitialized
 from multiverso_py.scheduler import Scheduler, SchedulerConfig
 from multiverso_py.server import Server, ServerConfig
@@ -85,7 +85,7 @@ def init(scheduler: Optional[str] = None, *, timeout: Optional[float] = None, co
         shared_memory = os.environ.get("MV_SHARED_MEMORY", "1") != "0"  # 0: every array on the socket
         direct = os.environ.get("MV_DIRECT", "1") != "0"  # 0: every call through the I/O thread
         config = ClientConfig(timeout=timeout, auth=auth, tls=tls, shared_memory=shared_memory, direct=direct,
-                              poll_limit=_poll_limit())
+                              poll_limit=poll_limit_from_env())
         io = LoopThread()
         client = Client(io, config)
         embedded = None
@@ -127,20 +127,6 @@ def _resolve_timeout(timeout: Optional[float]) -> float:
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
     return float(timeout)
-
-
-def _poll_limit() -> float:
-    """MV_POLL_US: how long a synchronous call may poll for its reply before it sleeps."""
-    raw = os.environ.get("MV_POLL_US")
-    if raw is None:
-        return POLL_LIMIT
-    try:
-        micros = float(raw)
-    except ValueError:
-        micros = -1.0
-    if not 0 <= micros <= 1e6:
-        raise InvalidArgument(f"MV_POLL_US={raw!r} is not a number of microseconds from 0 (never poll) to 1000000")
-    return micros * 1e-6
 
 
 def _int_env(name: str) -> int:

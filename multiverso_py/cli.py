@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 
 from multiverso_py import demo
 from multiverso_py.auth import Auth, load_auth
-from multiverso_py.errors import MultiversoError
+from multiverso_py.errors import InvalidArgument, MultiversoError
+from multiverso_py.polling import parse_poll_us, poll_limit_from_env
 from multiverso_py.scheduler import Scheduler, SchedulerConfig
 from multiverso_py.server import Server, ServerConfig
 from multiverso_py.tls import load_tls
@@ -40,6 +41,13 @@ def _seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
+
+
+def _poll_us(text: str) -> float:
+    try:
+        return parse_poll_us(text, "--poll-us")
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _port(text: str) -> int:
@@ -102,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     serv.add_argument("--port", type=_port, default=0, help="port to listen on (default: a free one)")
     serv.add_argument("--threads", type=_positive, default=ServerConfig.threads,
                       help=f"threads for table work (default: {ServerConfig.threads})")
+    serv.add_argument("--poll-us", type=_poll_us, metavar="MICROSECONDS",
+                      help="after each request, poll for the next one this long before sleeping; it answers "
+                           "sooner, at the cost of a busy core while requests keep coming (default: MV_POLL_US, "
+                           "else 2000; 0: never)")
     serv.add_argument("--ready-file", help="write HOST:PORT here once registered (for launchers)")
     _periodic_checkpoint_options(serv)
     _security_options(serv)
@@ -207,7 +219,8 @@ async def _server(args: argparse.Namespace) -> int:
     server = Server(ServerConfig(host=args.host, port=args.port, threads=args.threads, auth=_auth_for(args),
                                  tls=load_tls(args.tls_cert, args.tls_key, args.tls_ca),
                                  checkpoint_dir=args.checkpoint_dir and os.path.abspath(args.checkpoint_dir),
-                                 checkpoint_every=args.checkpoint_every))
+                                 checkpoint_every=args.checkpoint_every,
+                                 poll_limit=poll_limit_from_env() if args.poll_us is None else args.poll_us))
     await server.start()
     await server.register(parse_address(args.scheduler))
     _write_ready(args.ready_file, server.address)

@@ -29,7 +29,8 @@ from multiverso_py.acks import AddTracker
 from multiverso_py.auth import Auth
 from multiverso_py.batching import BATCH_BYTES, Batch, OpenBatches, chunk_messages, merge_adds, part_bytes, split_large
 from multiverso_py.control import ControlRequests, SendGate, heartbeat
-from multiverso_py.direct import POLL_LIMIT, DirectCalls
+from multiverso_py.direct import DirectCalls
+from multiverso_py.polling import POLL_LIMIT
 from multiverso_py.errors import ConnectionLost, MultiversoError, exception_for
 from multiverso_py.interruptions import Interruptions
 from multiverso_py.protocol import DEFAULT_LIMITS, TABLE_OPS, Buffers, Frame, Limits, MsgType, pack_parts, unpack_parts

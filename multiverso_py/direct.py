@@ -14,8 +14,8 @@ server sees just another connection of this worker. DirectCalls is the Client's 
 that decides when a call may take it.
 
 While it waits for a reply that usually comes within a couple of milliseconds, the
-caller polls its socket instead of sleeping (ReplyClock). A thread woken from sleep runs
-its next hundred microseconds of Python slowly, on a virtual machine especially: on 2
+caller polls its socket instead of sleeping (ReplyClock; see multiverso_py.polling). A
+thread woken from sleep runs its next hundred microseconds of Python slowly: on 2
 cores a small get took 190-220 µs asleep and 135 µs polling, a 4096-row get 550 µs and
 410 µs. Each poll yields the CPU, and a poll that lost it for a while (another thread
 here wanted it: the server, perhaps) stops and sleeps, so a machine whose every core is
@@ -26,7 +26,6 @@ server). Replies that take longer than the limit are waited for asleep.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -36,15 +35,13 @@ from typing import Any, Callable, Optional, Sequence
 from multiverso_py.auth import Auth
 from multiverso_py.errors import AuthFailed, ConnectFailed, MultiversoError, ProtocolError
 from multiverso_py.framing import FrameReader, encode
+from multiverso_py.polling import POLL_LIMIT, YIELDED, poll_window, running_average, yield_cpu
 from multiverso_py.protocol import DEFAULT_LIMITS, HANDSHAKE_LIMITS, TABLE_OPS, Frame, Limits, MsgType
 from multiverso_py.transport import Connection, parse_address
 
 log = logging.getLogger("multiverso_py.client")
 
 CONNECT_TIMEOUT = 5.0  # a server on the job's network answers at once, or not at all
-POLL_LIMIT = 2e-3  # seconds: a caller polls for replies that usually come within this
-YIELDED = 50e-6  # a poll round this long gave the CPU away (interrupts alone pass 12 µs every few ms)
-_yield_cpu = getattr(os, "sched_yield", lambda: time.sleep(0))  # sched_yield is POSIX only
 
 
 class LinkBroken(ConnectionError):
@@ -88,7 +85,7 @@ def _receive(sock: socket.socket, buffer: memoryview, clock: Optional["ReplyCloc
                 clock.lost_cpu()
             if now >= clock.poll_until:
                 break
-            _yield_cpu()
+            yield_cpu()
     finally:
         sock.settimeout(timeout)
     return sock.recv_into(buffer)
@@ -149,12 +146,11 @@ class ReplyClock:
 
     def sent(self) -> None:
         self._sent_at = time.perf_counter()
-        window = self.limit if self.expected is None else 2 * self.expected
-        self.poll_until = self._sent_at + window if 0 < window <= self.limit else 0.0
+        window = poll_window(self.expected, self.limit)
+        self.poll_until = self._sent_at + window if window else 0.0
 
     def answered(self) -> None:
-        wait = time.perf_counter() - self._sent_at
-        self.expected = wait if self.expected is None else self.expected + (wait - self.expected) / 8
+        self.expected = running_average(self.expected, time.perf_counter() - self._sent_at)
 
     def lost_cpu(self) -> None:
         self.poll_until = 0.0

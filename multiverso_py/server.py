@@ -27,6 +27,7 @@ from multiverso_py.consistency import Kind, Model, TableClock
 from multiverso_py.errors import ErrorCode, MultiversoError, ProtocolError, code_for
 from multiverso_py.flow import FlowControl
 from multiverso_py.local import LocalConnection, local_pair
+from multiverso_py.polling import POLL_LIMIT, LoopPolling
 from multiverso_py.protocol import DEFAULT_LIMITS, TABLE_OPS, Buffers, Frame, Limits, MsgType, unpack_parts
 from multiverso_py.server_checkpoint import SnapshotJob, restore_partitions
 from multiverso_py.server_jobs import READS, Job, Partition, Table, TablePool, Turns
@@ -51,6 +52,7 @@ class ServerConfig:
     tls: TLS = TLS()
     checkpoint_dir: Optional[str] = None  # asks the scheduler for periodic checkpoints here...
     checkpoint_every: Optional[float] = None  # ...this often
+    poll_limit: float = POLL_LIMIT  # seconds the loop may poll for the next request before sleeping; 0: never
 
 
 _KINDS = {MsgType.GET: Kind.GET, MsgType.ADD: Kind.ADD, MsgType.SET: Kind.SET, MsgType.ADD_GET: Kind.ADD}
@@ -88,6 +90,7 @@ class Server:
 
     async def start(self) -> str:
         self.loop = asyncio.get_running_loop()
+        self.polling = LoopPolling(self.loop, self.config.poll_limit, self._pool.busy)
         self._closed = asyncio.Event()
         self._listener = await self.loop.create_server(self._new_connection, self.config.host, self.config.port,
                                                        ssl=self.config.tls.accept)
@@ -125,6 +128,8 @@ class Server:
 
     # -- worker requests
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
+        if not isinstance(conn, LocalConnection):  # an in-process worker needs the GIL this loop would hold
+            self.polling.request_arrived()
         handler = self._handlers.get(frame.type)
         if handler is None:
             log.warning("unexpected %s from %s", frame.type.name, conn.peer)

@@ -52,6 +52,10 @@ class TablePool:
         for thread in self._threads:
             thread.start()
 
+    def busy(self) -> bool:
+        """Whether a thread is running a job (read without the lock: a hint)."""
+        return len(self._idle) < len(self._inboxes)
+
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
             if self._closed:
@@ -230,3 +234,4 @@ class Job:
             self.conn.send_error(self.frame.req_id, code_for(self.error), str(self.error))
         if self.frame.type in READS:
             self.server.after_flush(self.conn, lambda: self.server.turns.leave(self))
+        self.server.polling.resume()

@@ -1,10 +1,13 @@
-"""A synchronous call on the caller's thread polls for its reply before it sleeps
-(multiverso_py.direct.ReplyClock): the window follows recent waits, a reply that comes
-within it is read without the thread ever sleeping, and a poll that loses the CPU to
-another process stops at once."""
+"""Polling instead of sleeping (multiverso_py.polling). A synchronous call on the
+caller's thread polls for its reply before it sleeps (multiverso_py.direct.ReplyClock):
+the window follows recent waits, a reply that comes within it is read without the
+thread ever sleeping, and a poll that loses the CPU to another process stops at once. A
+server's event loop polls for the next request for twice the recent gap between
+requests, and sleeps when requests stop."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import socket
@@ -13,11 +16,13 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 import multiverso_py as mv
-from multiverso_py.direct import POLL_LIMIT, ReplyClock, read_frames
+from multiverso_py.direct import ReplyClock, read_frames
 from multiverso_py.framing import FrameReader
+from multiverso_py.polling import POLL_LIMIT, LoopPolling
 from multiverso_py.protocol import MsgType
 from multiverso_py.testing import LocalCluster
 
@@ -138,3 +143,70 @@ def test_mv_poll_us_sets_the_window_limit(monkeypatch: pytest.MonkeyPatch) -> No
             table.add(np.ones(4))
             np.testing.assert_array_equal(table.get(), np.ones(4))
             assert job.client.direct_calls == 2 and job.client._links[0].replies.limit == limit
+
+
+def test_a_server_loop_polls_for_twice_the_recent_gap_within_its_limit() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        polling = LoopPolling(loop, 2e-3)
+        polling.request_arrived()  # nothing known yet: the whole limit
+        assert 0 < polling.poll_until - time.perf_counter() <= 2e-3
+        loop.run_until_complete(asyncio.sleep(0.01))  # the window passes: polling ends by itself
+        assert polling.rounds > 0 and not polling._polling
+        rounds = polling.rounds
+        polling.request_arrived()  # 10 ms after the last: longer than the limit, so no polling
+        assert polling.poll_until == 0.0
+        loop.run_until_complete(asyncio.sleep(0.005))
+        assert polling.rounds == rounds
+        polling.gap = 0.3e-3
+        polling.request_arrived()
+        assert 0 < polling.poll_until - time.perf_counter() <= 0.6e-3 + 2 * polling.gap
+        busy = [True]  # a table thread runs a job: the loop leaves the GIL to it, asleep
+        paused = LoopPolling(loop, 2e-3, busy=lambda: busy[0])
+        paused.request_arrived()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert paused.rounds == 0 and not paused._polling and paused.poll_until
+        busy[0] = False
+        paused.resume()  # the job's reply went out: poll for the rest of the window
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert paused.rounds > 0 and not paused._polling
+        never = LoopPolling(loop, 0.0)
+        never.request_arrived()
+        loop.run_until_complete(asyncio.sleep(0.005))
+        assert never.poll_until == 0.0 and never.rounds == 0
+    finally:
+        loop.close()
+
+
+def _loop_sleeps(pid: int) -> int:
+    with open(f"/proc/{pid}/task/{pid}/status") as f:  # the main thread: the server's event loop
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task"), reason="reads Linux's per-thread counters")
+def test_a_server_loop_polls_between_requests_and_sleeps_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real server processes, started with MV_POLL_US (the servers' default for --poll-us)
+    at 0 and unset: polling, the loop sleeps less often per small get; idle, it
+    sleeps again instead of burning its core."""
+    sleeps = {}
+    for setting in ("0", None):
+        if setting is None:
+            monkeypatch.delenv("MV_POLL_US", raising=False)
+        else:
+            monkeypatch.setenv("MV_POLL_US", setting)
+        with LocalCluster(workers=1, servers=1) as cluster:
+            monkeypatch.delenv("MV_POLL_US", raising=False)  # the worker polls for its replies either way
+            with mv.init(cluster.address, timeout=20):
+                table = mv.ArrayTable(16, name="t")
+                table.get()
+                pid = cluster.servers[0].pid
+                before = _loop_sleeps(pid)
+                for _ in range(1000):
+                    table.get()
+                sleeps[setting] = (_loop_sleeps(pid) - before) / 1000
+                server = psutil.Process(pid)
+                busy = sum(server.cpu_times()[:2])
+                time.sleep(0.5)
+                assert sum(server.cpu_times()[:2]) - busy < 0.1  # idle: not polling
+    # polling: 0.5-1.4 sleeps a get here (a round that lost the CPU ends it), 2.0-2.7 without
+    assert sleeps[None] < 0.75 * sleeps["0"], sleeps
