@@ -185,28 +185,39 @@ def _loop_sleeps(pid: int) -> int:
 
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task"), reason="reads Linux's per-thread counters")
 def test_a_server_loop_polls_between_requests_and_sleeps_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Real server processes, started with MV_POLL_US (the servers' default for --poll-us)
-    at 0 and unset: polling, the loop sleeps less often per small get; idle, it
-    sleeps again instead of burning its core."""
-    sleeps = {}
-    for setting in ("0", None):
-        if setting is None:
-            monkeypatch.delenv("MV_POLL_US", raising=False)
-        else:
-            monkeypatch.setenv("MV_POLL_US", setting)
-        with LocalCluster(workers=1, servers=1) as cluster:
-            monkeypatch.delenv("MV_POLL_US", raising=False)  # the worker polls for its replies either way
-            with mv.init(cluster.address, timeout=20):
-                table = mv.ArrayTable(16, name="t")
+    """Real server processes, started with MV_POLL_US=0 (the servers' default for
+    --poll-us) and without: polling, the loop sleeps less often per small get; idle, it
+    sleeps again instead of burning its core. A round that lost the CPU ends the
+    polling, so on a loaded machine one block of gets may show little: up to three."""
+    blocks = []
+    for _ in range(3):
+        sleeps = {setting: _sleeps_per_get(monkeypatch, setting) for setting in ("0", None)}
+        blocks.append(sleeps)
+        if sleeps[None] < 0.75 * sleeps["0"]:  # here: ~1 a get polling (while the job runs), 2-3 without
+            return
+    raise AssertionError(f"the polling server's loop slept about as often as the other: {blocks}")
+
+
+def _sleeps_per_get(monkeypatch: pytest.MonkeyPatch, setting: str | None, gets: int = 1000) -> float:
+    """How often a server's event loop, started with MV_POLL_US=setting, went to sleep per
+    small get from this worker (which sleeps for its replies either way, leaving the
+    server's loop a core to poll on); then checks that the idle server uses no CPU."""
+    if setting is None:
+        monkeypatch.delenv("MV_POLL_US", raising=False)
+    else:
+        monkeypatch.setenv("MV_POLL_US", setting)
+    with LocalCluster(workers=1, servers=1) as cluster:
+        monkeypatch.setenv("MV_POLL_US", "0")
+        with mv.init(cluster.address, timeout=20):
+            table = mv.ArrayTable(16, name="t")
+            table.get()
+            pid = cluster.servers[0].pid
+            before = _loop_sleeps(pid)
+            for _ in range(gets):
                 table.get()
-                pid = cluster.servers[0].pid
-                before = _loop_sleeps(pid)
-                for _ in range(1000):
-                    table.get()
-                sleeps[setting] = (_loop_sleeps(pid) - before) / 1000
-                server = psutil.Process(pid)
-                busy = sum(server.cpu_times()[:2])
-                time.sleep(0.5)
-                assert sum(server.cpu_times()[:2]) - busy < 0.1  # idle: not polling
-    # polling: 0.5-1.4 sleeps a get here (a round that lost the CPU ends it), 2.0-2.7 without
-    assert sleeps[None] < 0.75 * sleeps["0"], sleeps
+            sleeps = (_loop_sleeps(pid) - before) / gets
+            server = psutil.Process(pid)
+            busy = sum(server.cpu_times()[:2])
+            time.sleep(0.5)
+            assert sum(server.cpu_times()[:2]) - busy < 0.1  # idle: not polling
+    return sleeps
