@@ -7,6 +7,7 @@ scheduler and a server on this process's I/O thread, this process as worker 0 of
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import threading
@@ -111,7 +112,9 @@ async def _start_embedded(threads: Optional[int], auth: Optional[Auth],
                           restore: Optional[str]) -> tuple[Scheduler, Server]:
     scheduler = Scheduler(SchedulerConfig(workers=1, servers=1, auth=auth, restore=restore))
     await scheduler.start()
-    server = Server(ServerConfig(threads=threads, auth=auth) if threads else ServerConfig(auth=auth))
+    # Its loop is this worker's I/O thread, which must never poll: the caller's thread needs the GIL.
+    config = ServerConfig(auth=auth, poll_limit=0.0)
+    server = Server(dataclasses.replace(config, threads=threads) if threads else config)
     await server.start()
     await server.register(parse_address(scheduler.address))
     return scheduler, server

@@ -178,6 +178,15 @@ def test_a_server_loop_polls_for_twice_the_recent_gap_within_its_limit() -> None
         loop.close()
 
 
+def test_an_embedded_server_never_polls() -> None:
+    """Its loop is the worker's I/O thread, and the caller's thread needs the GIL."""
+    with mv.init(threads=1) as job:
+        assert job.embedded is not None and job.embedded[1].polling.limit == 0.0
+        table = mv.ArrayTable(4, name="t")
+        table.add(np.ones(4))
+        np.testing.assert_array_equal(table.get(), np.ones(4))
+
+
 def _loop_sleeps(pid: int) -> int:
     with open(f"/proc/{pid}/task/{pid}/status") as f:  # the main thread: the server's event loop
         return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
