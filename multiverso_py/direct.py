@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 from multiverso_py.auth import Auth
 from multiverso_py.errors import AuthFailed, ConnectFailed, MultiversoError, ProtocolError
 from multiverso_py.framing import FrameReader, encode
-from multiverso_py.polling import POLL_LIMIT, YIELDED, poll_window, running_average, yield_cpu
+from multiverso_py.polling import POLL_LIMIT, YIELDED, poll_until, running_average, yield_cpu
 from multiverso_py.protocol import DEFAULT_LIMITS, HANDSHAKE_LIMITS, TABLE_OPS, Frame, Limits, MsgType
 from multiverso_py.transport import Connection, parse_address
 
@@ -146,8 +146,7 @@ class ReplyClock:
 
     def sent(self) -> None:
         self._sent_at = time.perf_counter()
-        window = poll_window(self.expected, self.limit)
-        self.poll_until = self._sent_at + window if window else 0.0
+        self.poll_until = poll_until(self._sent_at, self.expected, self.limit)
 
     def answered(self) -> None:
         self.expected = running_average(self.expected, time.perf_counter() - self._sent_at)

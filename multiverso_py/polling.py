@@ -44,11 +44,12 @@ def parse_poll_us(raw: str, what: str) -> float:
     return micros * 1e-6
 
 
-def poll_window(recent: Optional[float], limit: float) -> float:
-    """Seconds to poll for something that lately took `recent` seconds (None: not known
-    yet): twice that, or nothing when that exceeds the limit (or the limit is 0)."""
+def poll_until(start: float, recent: Optional[float], limit: float) -> float:
+    """When to stop polling, from `start`, for something that lately took `recent` seconds
+    (None: not known yet): twice that later, or 0.0 (never poll) when that exceeds the
+    limit or the limit is 0. Times are time.perf_counter() values."""
     window = limit if recent is None else 2 * recent
-    return window if 0 < window <= limit else 0.0
+    return start + window if 0 < window <= limit else 0.0
 
 
 def running_average(average: Optional[float], sample: float) -> float:
@@ -82,8 +83,7 @@ class LoopPolling:
         if self._last:
             self.gap = running_average(self.gap, now - self._last)
         self._last = now
-        window = poll_window(self.gap, self.limit)
-        self.poll_until = now + window if window else 0.0
+        self.poll_until = poll_until(now, self.gap, self.limit)
         self.resume()
 
     def resume(self) -> None:

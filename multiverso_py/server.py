@@ -128,8 +128,7 @@ class Server:
 
     # -- worker requests
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
-        if not isinstance(conn, LocalConnection):  # an in-process worker needs the GIL this loop would hold
-            self.polling.request_arrived()
+        self.polling.request_arrived()
         handler = self._handlers.get(frame.type)
         if handler is None:
             log.warning("unexpected %s from %s", frame.type.name, conn.peer)
