@@ -10,7 +10,11 @@ get into fresh memory: 12-160 ms, into reused memory 8-11 ms).
   last array viewing them went away. From 64 KiB up, since glibc returns the top of
   its heap to the kernel once more than 128 KiB there is free: a 256 KiB result made
   and dropped each request (4096 rows of 16 float32) could grow and shrink the heap
-  three times a get and fault its pages in again."""
+  three times a get and fault its pages in again.
+Both keep a bounded amount of idle memory, and make room for a block that goes idle by
+dropping the blocks idle longest: a pool that refused new blocks once full would keep,
+say, two 64 MiB results from an early dense pull for good, and every 4096-row get after
+them would map and fault its memory afresh (a third slower)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import math
 import mmap
 import threading
 import weakref
+from collections import OrderedDict
 from typing import Any, Optional
 
 import numpy as np
@@ -27,12 +32,45 @@ from multiverso_py.protocol import MsgType
 MIN_BYTES = 1 << 16  # smaller buffers come cheap from the allocator's free lists
 
 
+class IdleBlocks:
+    """Idle blocks of memory by size, at most keep_bytes of them; the longest idle go
+    first when one more needs room. Not thread-safe: its owner holds a lock."""
+
+    def __init__(self, keep_bytes: int):
+        self.keep_bytes = keep_bytes
+        self.kept = 0
+        self._by_size: dict[int, dict[int, Any]] = {}  # nbytes -> {id: block}, in the order they went idle
+        self._age: OrderedDict[int, int] = OrderedDict()  # id -> nbytes, the longest idle first
+
+    def take(self, nbytes: int) -> Optional[Any]:
+        """An idle block of nbytes (the last to go idle: likeliest still in cache), or None."""
+        blocks = self._by_size.get(nbytes)
+        if not blocks:
+            return None
+        key, block = blocks.popitem()
+        del self._age[key]
+        self.kept -= nbytes
+        return block
+
+    def put(self, nbytes: int, block: Any) -> None:
+        """Keep a block that went idle, dropping the longest idle ones if it needs the room;
+        one larger than keep_bytes is dropped itself."""
+        if nbytes > self.keep_bytes:
+            return
+        while self.kept + nbytes > self.keep_bytes:
+            key, size = self._age.popitem(last=False)
+            del self._by_size[size][key]
+            self.kept -= size
+        key = id(block)  # unique while kept here
+        self._by_size.setdefault(nbytes, {})[key] = block
+        self._age[key] = nbytes
+        self.kept += nbytes
+
+
 class BufferPool:
     def __init__(self, keep_bytes: int = 64 << 20):
-        self.keep_bytes = keep_bytes  # kept for reuse at most: one 64 MiB push, bounded server memory
-        self._free: dict[int, list[np.ndarray]] = {}
+        self._free = IdleBlocks(keep_bytes)  # at most one 64 MiB push's: bounded server memory
         self._lent: set[int] = set()  # ids of the arrays given out: only those come back here
-        self._kept = 0
         self._lock = threading.Lock()  # taken on the event loop and on pool threads
 
     def allocate(self, msg_type: MsgType, req_id: int, body: dict, lengths: list[int]) -> Optional[list[memoryview]]:
@@ -45,11 +83,8 @@ class BufferPool:
         return [memoryview(a) for a in arrays]
 
     def _take(self, nbytes: int) -> np.ndarray:
-        free = self._free.get(nbytes)
-        if nbytes >= MIN_BYTES and free:
-            self._kept -= nbytes
-            return free.pop()
-        return np.empty(nbytes, np.uint8)
+        array = self._free.take(nbytes) if nbytes >= MIN_BYTES else None
+        return np.empty(nbytes, np.uint8) if array is None else array
 
     def release(self, buffers: list[memoryview]) -> None:
         """A request is done with its buffers: keep the large ones this pool gave out (not,
@@ -60,9 +95,8 @@ class BufferPool:
                 if id(array) not in self._lent:
                     continue
                 self._lent.discard(id(array))
-                if view.nbytes >= MIN_BYTES and self._kept + view.nbytes <= self.keep_bytes:
-                    self._free.setdefault(view.nbytes, []).append(array)
-                    self._kept += view.nbytes
+                if view.nbytes >= MIN_BYTES:
+                    self._free.put(view.nbytes, array)
 
 
 class ResultMemory:
@@ -74,10 +108,8 @@ class ResultMemory:
     alive, and the owner's death means no array sees the memory any more."""
 
     def __init__(self, keep_bytes: int = 128 << 20, min_bytes: int = MIN_BYTES):
-        self.keep_bytes = keep_bytes  # idle memory kept at most: two 64 MiB pulls
         self.min_bytes = min_bytes  # smaller arrays come cheap from the allocator's free lists
-        self._free: dict[int, list[mmap.mmap]] = {}
-        self._kept = 0
+        self._free = IdleBlocks(keep_bytes)  # idle memory kept at most: two 64 MiB pulls
         self._lock = threading.Lock()  # results die on any thread
 
     def empty(self, shape: tuple, dtype: Any) -> np.ndarray:
@@ -87,12 +119,7 @@ class ResultMemory:
         if nbytes < self.min_bytes:
             return np.empty(shape, dtype)
         with self._lock:
-            free = self._free.get(nbytes)
-            if free:
-                self._kept -= nbytes
-                block = free.pop()
-            else:
-                block = None
+            block = self._free.take(nbytes)
         if block is None:
             block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         owner = np.frombuffer(block, np.uint8)
@@ -101,11 +128,9 @@ class ResultMemory:
 
     def _give_back(self, block: mmap.mmap) -> None:
         with self._lock:
-            if self._kept + len(block) <= self.keep_bytes:
-                self._free.setdefault(len(block), []).append(block)
-                self._kept += len(block)
-        # else unmapped with the owner's view of it, right after this (closing it here
-        # would fail: that view still exists while the owner's finalizers run)
+            self._free.put(len(block), block)
+        # A block not kept (or dropped later) is unmapped once nothing refers to it; closing
+        # it here would fail: the dying owner's view of it exists while its finalizers run.
 
 
 results = ResultMemory()  # this process's: the tables' large get results come from it

@@ -29,7 +29,19 @@ def test_only_its_own_arrays_come_back_and_the_pool_is_bounded() -> None:
     assert all(v.obj is not foreign for v in pool.allocate(MsgType.ADD, 1, {}, [MIN_BYTES]))
     lent = [pool.allocate(MsgType.ADD, i, {}, [MIN_BYTES])[0] for i in range(3)]
     pool.release(lent)
-    assert pool._kept <= MIN_BYTES
+    assert pool._free.kept <= MIN_BYTES
+
+
+def test_a_full_pool_makes_room_for_new_buffers_by_dropping_the_longest_idle() -> None:
+    """Idle buffers of an early large push must not keep later adds' buffers out."""
+    pool = BufferPool(keep_bytes=4 * MIN_BYTES)
+    large = pool.allocate(MsgType.ADD, 1, {}, [2 * MIN_BYTES, 2 * MIN_BYTES])
+    pool.release(large)  # the pool is full now
+    small = pool.allocate(MsgType.ADD, 2, {}, [MIN_BYTES])
+    pool.release(small)
+    assert pool._free.kept == 3 * MIN_BYTES  # one large buffer dropped to keep the new one
+    assert pool.allocate(MsgType.ADD, 3, {}, [MIN_BYTES])[0].obj is small[0].obj
+    assert pool.allocate(MsgType.ADD, 4, {}, [2 * MIN_BYTES])[0].obj is large[1].obj  # the one idle less long
 
 
 def test_pushes_through_reused_buffers_stay_exact() -> None:
@@ -55,16 +67,16 @@ def test_result_memory_is_reused_only_once_every_view_is_gone() -> None:
     address = _address(first)
     views = [first.reshape(-1)[::2], first[3:], first.T]  # each keeps the memory, not `first`
     del first
-    assert memory._kept == 0
+    assert memory._free.kept == 0
     other = memory.empty((512, 1024), np.float32)
     assert _address(other) != address  # still seen through the views: fresh memory
     other[:] = 2.0
     assert all((v == 1.0).all() for v in views)
     del views
-    assert memory._kept == 2 << 20
+    assert memory._free.kept == 2 << 20
     again = memory.empty((1024, 512), np.float32)  # the same bytes in another shape
     assert _address(again) == address and again.flags.writeable and again.flags.c_contiguous
-    assert memory._kept == 0
+    assert memory._free.kept == 0
 
 
 def test_a_4096_row_result_is_reused_by_default() -> None:
@@ -74,8 +86,23 @@ def test_a_4096_row_result_is_reused_by_default() -> None:
     first_bytes = first.nbytes
     address = _address(first)
     del first
-    assert memory._kept == first_bytes  # kept mapped, not handed back to malloc
+    assert memory._free.kept == first_bytes  # kept mapped, not handed back to malloc
     assert _address(memory.empty((4096, 16), np.float32)) == address
+
+
+def test_results_go_on_being_reused_after_large_ones_filled_the_memory() -> None:
+    """Two idle 64 MiB results of a dense pull (a full default pool) must not make every
+    later 4096-row result map fresh memory."""
+    memory = ResultMemory()
+    pulls = [memory.empty((16 << 20,), np.float32) for _ in range(2)]
+    del pulls
+    assert memory._free.kept == 128 << 20
+    rows = memory.empty((4096, 16), np.float32)
+    address = _address(rows)
+    del rows
+    again = memory.empty((4096, 16), np.float32)
+    assert _address(again) == address
+    assert memory._free.kept == 64 << 20  # the pull idle longest made room
 
 
 def test_result_memory_is_bounded_and_leaves_small_arrays_to_numpy() -> None:
@@ -83,8 +110,8 @@ def test_result_memory_is_bounded_and_leaves_small_arrays_to_numpy() -> None:
     assert memory.empty((10,), np.float64).flags.owndata  # np.empty's own
     results = [memory.empty((2 << 20,), np.uint8) for _ in range(3)]
     del results
-    assert memory._kept == 2 << 20  # one 2 MiB block kept, the others unmapped
+    assert memory._free.kept == 2 << 20  # one 2 MiB block kept, the others unmapped
     exported = memoryview(memory.empty((1 << 18,), np.float32))  # a consumer of the buffer keeps it
-    assert memory._kept == 2 << 20
+    assert memory._free.kept == 2 << 20
     del exported
-    assert memory._kept == 3 << 20
+    assert memory._free.kept == 3 << 20
