@@ -1,8 +1,11 @@
 """GrowingArray: rows grow in place within a reservation (no copy: views taken before a
 growth see later writes), new rows start zero, a growth past the reservation moves the
-rows, and a kernel that refuses to overcommit gets exact-size mappings."""
+rows, a kernel that refuses to overcommit gets exact-size mappings, and a reservation asks
+for no transparent huge pages."""
 
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 import pytest
@@ -59,3 +62,32 @@ def test_holding_copies_an_array() -> None:
     copy = GrowingArray.holding(source)
     source[0] = 99
     np.testing.assert_array_equal(copy.grow(8), [0, 1, 2, 3, 4, 5, 0, 0])
+
+
+def _vm_flags(array: np.ndarray) -> list[str]:
+    """The kernel's flags of this process's mapping that holds the middle of an array
+    (numpy advises from the first whole page on: the mapping's first page splits off)."""
+    address = array.ctypes.data + array.nbytes // 2
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_a_reservation_asks_for_no_huge_pages() -> None:
+    """Rows fill a reservation in order, so each huge page would fault in (and maybe wait
+    for the kernel to compact memory) on some request's path."""
+    advised = mmap.mmap(-1, 4 << 20)  # for contrast: a mapping that asks for them
+    try:
+        advised.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pytest.skip("this kernel has no transparent huge pages to ask for")
+    assert "hg" in _vm_flags(np.frombuffer(advised, np.uint8))
+    rows = GrowingArray((1 << 16, 16), np.float32)  # 4 MiB: numpy would ask for huge pages
+    assert "hg" not in _vm_flags(rows.array)
