@@ -17,10 +17,9 @@ While it waits for a reply that usually comes within a couple of milliseconds, t
 caller polls its socket instead of sleeping (ReplyClock; see multiverso_py.polling). A
 thread woken from sleep runs its next hundred microseconds of Python slowly: on 2
 cores a small get took 190-220 µs asleep and 135 µs polling, a 4096-row get 550 µs and
-410 µs. Each poll yields the CPU, and a poll that lost it for a while (another thread
-here wanted it: the server, perhaps) stops and sleeps, so a machine whose every core is
-busy loses at most a few context switches a call (up to 12% on one core shared with the
-server). Replies that take longer than the limit are waited for asleep.
+410 µs. Each poll yields the CPU, so another thread that wants this core (the server's,
+on a machine with no core to spare) runs first. Replies that take longer than the limit
+are waited for asleep.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 from multiverso_py.auth import Auth
 from multiverso_py.errors import AuthFailed, ConnectFailed, MultiversoError, ProtocolError
 from multiverso_py.framing import FrameReader, encode
-from multiverso_py.polling import POLL_LIMIT, YIELDED, poll_until, running_average, yield_cpu
+from multiverso_py.polling import POLL_LIMIT, poll_until, running_average, yield_cpu
 from multiverso_py.protocol import DEFAULT_LIMITS, HANDSHAKE_LIMITS, TABLE_OPS, Frame, Limits, MsgType
 from multiverso_py.transport import Connection, parse_address
 
@@ -69,8 +68,7 @@ def read_frames(sock: socket.socket, reader: FrameReader, clock: Optional["Reply
 def _receive(sock: socket.socket, buffer: memoryview, clock: Optional["ReplyClock"]) -> int:
     """sock.recv_into(buffer), polling until the clock's poll_until and yielding the CPU
     between polls, then sleeping until data comes or the socket's timeout passes."""
-    now = time.perf_counter()
-    if clock is None or now >= clock.poll_until:
+    if clock is None or time.perf_counter() >= clock.poll_until:
         return sock.recv_into(buffer)
     timeout = sock.gettimeout()
     sock.settimeout(0.0)  # a socket with a timeout would sleep in poll() before reading
@@ -80,10 +78,7 @@ def _receive(sock: socket.socket, buffer: memoryview, clock: Optional["ReplyCloc
                 return sock.recv_into(buffer)
             except BlockingIOError:
                 pass
-            before, now = now, time.perf_counter()
-            if now - before > YIELDED:
-                clock.lost_cpu()
-            if now >= clock.poll_until:
+            if time.perf_counter() >= clock.poll_until:
                 break
             yield_cpu()
     finally:
@@ -134,9 +129,13 @@ def connect(address: str, timeout: float, auth: Optional[Auth] = None) -> tuple[
 class ReplyClock:
     """How long a caller polls for a reply before it sleeps: twice the recent waits on its
     link (a running average), when that is within `limit` seconds; not at all for a link
-    whose replies take longer, nor with limit 0. A poll that lost the CPU for a while
-    (its yield let another thread here run: the server, perhaps) stops polling for the
-    rest of the call rather than take turns with that thread."""
+    whose replies take longer, nor with limit 0.
+
+    A poll that lost the CPU (its yield let another thread here run) polls on. Stopping
+    there, as this once did, made things worse on 2 cores: the caller's sleeps left its
+    core idle, the kernel woke the server's table thread there, and from then on every
+    job preempted the polling caller, who stopped and slept again: the small get took
+    125-132 µs in 5 of 8 runs where it takes 101-104, and polling on, in 1 of 8."""
 
     def __init__(self, limit: float):
         self.limit = limit
@@ -150,9 +149,6 @@ class ReplyClock:
 
     def answered(self) -> None:
         self.expected = running_average(self.expected, time.perf_counter() - self._sent_at)
-
-    def lost_cpu(self) -> None:
-        self.poll_until = 0.0
 
 
 class DirectLink:

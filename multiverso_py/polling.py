@@ -7,9 +7,9 @@ worker's synchronous call polls its socket for the reply (multiverso_py.direct),
 server's event loop keeps polling its sockets for a while after each request from
 another process (LoopPolling) rather than sleep in epoll until the next one. Either
 polls for twice the recent wait, when that is within a limit (2 ms by default,
-`MV_POLL_US`), yields the CPU between polls, and stops at once when a poll lost the CPU
-for a while: another thread on that core wanted it, and polling would only take turns
-with it.
+`MV_POLL_US`), and yields the CPU between polls. The loop also stops at once when a
+round lost the CPU for a while: another thread on its core wanted it (a worker's call
+polls on; see multiverso_py.direct.ReplyClock).
 """
 
 from __future__ import annotations
