@@ -134,8 +134,8 @@ class ReplyClock:
     A poll that lost the CPU (its yield let another thread here run) polls on. Stopping
     there, as this once did, made things worse on 2 cores: the caller's sleeps left its
     core idle, the kernel woke the server's table thread there, and from then on every
-    job preempted the polling caller, who stopped and slept again: the small get took
-    125-132 µs in 5 of 8 runs where it takes 101-104, and polling on, in 1 of 8."""
+    job preempted the polling caller, who stopped and slept again. A small get took
+    125-132 µs in 5 of 8 runs that way, and in 1 of 8 polling on (101-104 µs otherwise)."""
 
     def __init__(self, limit: float):
         self.limit = limit
