@@ -15,7 +15,7 @@ Unlike numpy's large arrays, a reservation asks for no transparent huge pages. R
 it in order, so a huge page faults in on a request's path every 32k rows of 64 bytes,
 and where the kernel must compact memory to find one (THP `defrag=madvise`), that fault
 took 17 ms: a tenth of a KV shard's 4096-key inserts did, and they ran at 0.5-1.3M keys/s
-instead of 3-4M. With small pages the inserts cost 10-15% more when huge pages come
+instead of 3-4M. With small pages the inserts cost 15-20% more when huge pages come
 cheap, and never stall; gathers of existing rows measured the same either way.
 """
 
