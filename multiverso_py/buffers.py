@@ -11,6 +11,7 @@ get into fresh memory: 12-160 ms, into reused memory 8-11 ms).
   its heap to the kernel once more than 128 KiB there is free: a 256 KiB result made
   and dropped each request (4096 rows of 16 float32) could grow and shrink the heap
   three times a get and fault its pages in again.
+
 Both keep a bounded amount of idle memory, and make room for a block that goes idle by
 dropping the blocks idle longest: a pool that refused new blocks once full would keep,
 say, two 64 MiB results from an early dense pull for good, and every 4096-row get after

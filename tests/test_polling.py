@@ -2,9 +2,8 @@
 caller's thread polls for its reply before it sleeps (multiverso_py.direct.ReplyClock):
 the window follows recent waits, a reply that comes within it is read without the
 thread ever sleeping, and a poll that shares its CPU with another process gives it the
-CPU at each poll and polls on. A
-server's event loop polls for the next request for twice the recent gap between
-requests, and sleeps when requests stop."""
+CPU at each poll and polls on. A server's event loop polls for the next request for
+twice the recent gap between requests, and sleeps when requests stop."""
 
 from __future__ import annotations
 
