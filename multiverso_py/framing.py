@@ -14,6 +14,7 @@ that the caller preallocated (a pending get's result array, say).
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Callable, Optional, Sequence
 
@@ -28,6 +29,12 @@ VERSION = 1
 PREFIX = struct.Struct("<2sBxII")
 
 
+@functools.lru_cache(maxsize=64)
+def _lengths_format(count: int) -> struct.Struct:
+    """The compiled layout of a frame's `count` buffer lengths (formatting it anew costs more)."""
+    return struct.Struct(f"<{count}Q")
+
+
 # ---------------------------------------------------------------- encoding
 
 
@@ -40,7 +47,8 @@ def encode(
 ) -> list:
     """A frame as a list of byte chunks for transport.writelines (buffers are not copied)."""
     header = msgpack.packb({"t": int(msg_type), "id": req_id, "b": body or {}}, use_bin_type=True)
-    lengths = [memoryview(b).nbytes for b in buffers]
+    views = [b if type(b) is memoryview else memoryview(b) for b in buffers]
+    lengths = [v.nbytes for v in views]
     if len(header) > limits.max_header_bytes:
         raise ProtocolError(f"header of {len(header)} bytes exceeds {limits.max_header_bytes}")
     if len(lengths) > limits.max_buffers:
@@ -50,10 +58,8 @@ def encode(
         raise ProtocolError(f"frame of {total} bytes exceeds {limits.max_frame_bytes}; split the request")
     head = PREFIX.pack(MAGIC, VERSION, len(header), len(lengths))
     if lengths:
-        head += struct.pack(f"<{len(lengths)}Q", *lengths)
-    chunks: list = [head + header]
-    chunks.extend(b for b in buffers if memoryview(b).nbytes)
-    return chunks
+        head += _lengths_format(len(lengths)).pack(*lengths)
+    return [head + header, *(v for v in views if v.nbytes)]
 
 
 def encode_bytes(msg_type: MsgType, req_id: int, body: Optional[dict] = None, buffers: Sequence = ()) -> bytes:
@@ -165,14 +171,14 @@ class FrameReader:
             raise ProtocolError(f"{nbuf} buffers exceed the limit of {self.limits.max_buffers}")
         head_len = PREFIX.size + 8 * nbuf + header_len
         self._ensure_capacity(head_len)
-        if self._available() < head_len:
+        start = self._start
+        if self._end - start < head_len:
             return None
-        lengths = list(struct.unpack_from(f"<{nbuf}Q", self._view, self._start + PREFIX.size))
+        lengths = list(_lengths_format(nbuf).unpack_from(self._view, start + PREFIX.size)) if nbuf else []
         if head_len + sum(lengths) > self.limits.max_frame_bytes:
             raise ProtocolError(f"frame of {head_len + sum(lengths)} bytes exceeds {self.limits.max_frame_bytes}")
-        header = self._view[self._start + head_len - header_len:self._start + head_len]
-        msg_type, req_id, body = parse_header(header)
-        self._start += head_len
+        msg_type, req_id, body = parse_header(self._view[start + head_len - header_len:start + head_len])
+        self._start = start + head_len
         frame = Frame(msg_type, req_id, body)
         if not lengths:
             return frame

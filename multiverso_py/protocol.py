@@ -165,7 +165,7 @@ def as_buffer(array: np.ndarray) -> memoryview:
     """A flat byte view of a C-contiguous array, for sending without a copy."""
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
-    return memoryview(array.reshape(-1).view(np.uint8))
+    return memoryview(array).cast("B") if array.size else memoryview(b"")  # cast refuses zeros in the shape
 
 
 def parse_descriptor(desc: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[np.dtype, tuple, int]:
@@ -173,16 +173,19 @@ def parse_descriptor(desc: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[np.dty
     if not (isinstance(desc, list) and len(desc) == 2):
         raise ProtocolError(f"array descriptor must be [dtype, shape], got {desc!r:.80}")
     name, shape = desc
-    if not isinstance(name, str) or name not in ALLOWED_DTYPES:
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
         raise ProtocolError(f"dtype {name!r:.40} is not allowed on the wire")
     if not isinstance(shape, list) or len(shape) > limits.max_array_dims:
         raise ProtocolError(f"array shape must be a list of at most {limits.max_array_dims} ints")
-    if not all(type(n) is int and n >= 0 for n in shape):
-        raise ProtocolError(f"array shape {shape!r:.80} has a negative or non-int size")
-    dtype = _DTYPES[name]
-    if math.prod(n or 1 for n in shape) * dtype.itemsize > _INTP_MAX:
+    for n in shape:
+        if type(n) is not int or n < 0:
+            raise ProtocolError(f"array shape {shape!r:.80} has a negative or non-int size")
+    nbytes = math.prod(shape) * dtype.itemsize
+    # numpy must be able to make the array, even one of no elements
+    if (nbytes or math.prod(n or 1 for n in shape) * dtype.itemsize) > _INTP_MAX:
         raise ProtocolError(f"array shape {shape!r:.80} is too big for numpy")
-    return dtype, tuple(shape), math.prod(shape) * dtype.itemsize
+    return dtype, tuple(shape), nbytes
 
 
 # Arrays in a frame come as its buffers; arrays elsewhere (in shared memory, see
@@ -195,8 +198,8 @@ def unpack_parts(body: dict, buffers: Buffers,
     """Split a message's parts into (partition, args, arrays); arrays view the buffers.
     Every descriptor is parsed once, before any buffer is touched."""
     described = []
-    for part in body.get("parts") or []:
-        _check_fields(part, _PART_SCHEMA, "part")
+    for part in body.get("parts") or ():
+        _PART_CHECKER.check(part, _part)
         described.append((part["p"], part.get("args", {}), [parse_descriptor(d, limits) for d in part.get("arrays", ())]))
     lengths = [n for _, _, arrays in described for _, _, n in arrays]
     if len(lengths) > limits.max_buffers:
@@ -212,7 +215,7 @@ def unpack_parts(body: dict, buffers: Buffers,
         for (dtype, shape, expected), buf in zip(arrays, cursor):
             if buf.nbytes != expected:
                 raise ProtocolError(f"array {dtype.name}{list(shape)} needs {expected} bytes, buffer has {buf.nbytes}")
-            views.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+            views.append(np.ndarray(shape, dtype, buf))  # a view, as np.frombuffer(...).reshape() but 2x faster
         out.append((pid, args, views))
     return out
 
@@ -235,6 +238,30 @@ def pack_parts(parts: Sequence[tuple[int, dict, Sequence[np.ndarray]]]) -> tuple
 # ---------------------------------------------------------------- validation
 
 
+class _Checker:
+    """A schema compiled for the common case, a well-formed map: one pass that tests the
+    exact type of each value. Anything else takes the schema itself, field by field,
+    which says what is wrong (or accepts what isinstance does, a subclass say)."""
+
+    def __init__(self, schema: _Schema):
+        self.schema = schema
+        self.names = frozenset(schema)
+        self.required = frozenset(key for key, (_, required) in schema.items() if required)
+        self.exact = {key: None if types == (object,) else frozenset(types) for key, (types, _) in schema.items()}
+
+    def check(self, obj: Any, what: Callable[[], str]) -> None:
+        """Raise ProtocolError, with `what()` naming the map, unless obj fits the schema."""
+        if type(obj) is dict and obj.keys() <= self.names and obj.keys() >= self.required:
+            exact = self.exact
+            for key, value in obj.items():
+                types = exact[key]
+                if types is not None and type(value) not in types:
+                    break
+            else:
+                return
+        _check_fields(obj, self.schema, what())
+
+
 def _check_fields(obj: Any, schema: _Schema, what: str) -> None:
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} must be a map, got {type(obj).__name__}")
@@ -251,19 +278,29 @@ def _check_fields(obj: Any, schema: _Schema, what: str) -> None:
             raise ProtocolError(f"{what} field {key!r} must be {types[0].__name__}, got {type(value).__name__}")
 
 
+_BODY_CHECKERS = {msg_type: _Checker(schema) for msg_type, schema in SCHEMAS.items()}
+_PART_CHECKER = _Checker(_PART_SCHEMA)
+_MSG_TYPES = {int(t): t for t in MsgType}
+_HEADER_FIELDS = frozenset({"t", "id", "b"})
+
+
+def _part() -> str:
+    return "part"
+
+
 def parse_header(data: bytes | memoryview) -> tuple[MsgType, int, dict]:
     """Decode and validate a msgpack header: (type, request id, body)."""
     try:
         header = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
-    if not isinstance(header, dict) or set(header) != {"t", "id", "b"}:
+    if type(header) is not dict or header.keys() != _HEADER_FIELDS:
         raise ProtocolError("header must be a map with exactly the fields t, id, b")
     t, req_id, body = header["t"], header["id"], header["b"]
-    if type(t) is not int or t not in MsgType._value2member_map_:
+    msg_type = _MSG_TYPES.get(t) if type(t) is int else None
+    if msg_type is None:
         raise ProtocolError(f"unknown message type {t!r:.40}")
     if type(req_id) is not int or not 0 <= req_id < 1 << 63:
         raise ProtocolError(f"request id {req_id!r:.40} is not a non-negative 63-bit int")
-    msg_type = MsgType(t)
-    _check_fields(body, SCHEMAS[msg_type], f"{msg_type.name} body")
+    _BODY_CHECKERS[msg_type].check(body, lambda: f"{msg_type.name} body")
     return msg_type, req_id, body

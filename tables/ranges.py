@@ -213,9 +213,11 @@ class RangeTableHandle(TableHandle):
 
     def _setup(self, info: TableInfo) -> None:
         self._ranges = RangeRows(info.layout["bounds"])
+        self._all_spans = self._ranges.spans(math.prod(self._row_shape) * self.dtype.itemsize)
 
     def _spans(self) -> list[tuple[int, int, int, dict]]:
-        return self._ranges.spans(math.prod(self._row_shape) * self.dtype.itemsize)
+        """The spans of a request for all rows (fixed for the table: callers copy the args)."""
+        return self._all_spans
 
     def _initialize(self) -> None:
         values = self._initial()
