@@ -4,8 +4,8 @@ A table call normally crosses two thread hand-offs on the worker: the caller que
 for the I/O thread, which sends it, and the I/O thread wakes the caller with the reply.
 Each costs 30-90 µs on a small machine, a third of a small get. When a synchronous call
 is all this worker has outstanding and fits one message to one server, the caller's
-thread instead writes the message to a blocking socket of its own to that server and
-reads the reply from it (the way redis-py talks to a server). Ordering holds because
+thread instead writes the message to a socket of its own to that server and reads
+the reply from it (the way redis-py talks to a server). Ordering holds because
 nothing else of this worker is in flight; everything else (async calls, batches, TLS,
 the embedded job's in-process server, pauses and lost servers) takes the I/O thread.
 
@@ -25,6 +25,8 @@ are waited for asleep.
 from __future__ import annotations
 
 import logging
+import math
+import select
 import socket
 import threading
 import time
@@ -52,12 +54,14 @@ class LinkBroken(ConnectionError):
         self.sent = sent
 
 
-def read_frames(sock: socket.socket, reader: FrameReader, clock: Optional["ReplyClock"] = None) -> list[Frame]:
-    """The frames that the next reads from a blocking socket complete (its timeout bounds
-    each read), received through the reader: large buffers land in their destination.
-    With a clock, the reads poll for a while before they sleep."""
+def read_frames(sock: socket.socket, reader: FrameReader, clock: Optional["ReplyClock"] = None,
+                deadline: float = math.inf) -> list[Frame]:
+    """The frames that the next reads complete, received through the reader: large
+    buffers land in their destination. A blocking socket's own timeout bounds each read.
+    A non-blocking one (a DirectLink's) is polled until the clock's poll_until, if given,
+    then waited on asleep until `deadline` (a time.monotonic() value): socket.timeout then."""
     while True:
-        n = _receive(sock, reader.get_buffer(), clock)
+        n = _receive(sock, reader.get_buffer(), clock, deadline)
         if not n:
             raise ConnectionError("the peer closed the connection")
         frames = reader.buffer_updated(n)
@@ -65,25 +69,28 @@ def read_frames(sock: socket.socket, reader: FrameReader, clock: Optional["Reply
             return frames
 
 
-def _receive(sock: socket.socket, buffer: memoryview, clock: Optional["ReplyClock"]) -> int:
-    """sock.recv_into(buffer), polling until the clock's poll_until and yielding the CPU
-    between polls, then sleeping until data comes or the socket's timeout passes."""
-    if clock is None or time.perf_counter() >= clock.poll_until:
-        return sock.recv_into(buffer)
-    timeout = sock.gettimeout()
-    sock.settimeout(0.0)  # a socket with a timeout would sleep in poll() before reading
-    try:
-        while True:
-            try:
-                return sock.recv_into(buffer)
-            except BlockingIOError:
-                pass
-            if time.perf_counter() >= clock.poll_until:
-                break
+def _receive(sock: socket.socket, buffer: memoryview, clock: Optional["ReplyClock"], deadline: float) -> int:
+    """sock.recv_into(buffer); on a non-blocking socket, polling and yielding the CPU
+    between polls while the clock allows, then sleeping until data comes or the deadline."""
+    while True:
+        try:
+            return sock.recv_into(buffer)
+        except BlockingIOError:
+            pass
+        if clock is not None and time.perf_counter() < clock.poll_until:
             yield_cpu()
-    finally:
-        sock.settimeout(timeout)
-    return sock.recv_into(buffer)
+        else:
+            wait_ready(sock, select.POLLIN, deadline)
+
+
+def wait_ready(sock: socket.socket, events: int, deadline: float) -> None:
+    """Sleep until a non-blocking socket is ready for `events` (select.POLLIN, POLLOUT),
+    or fails; socket.timeout at the deadline (a time.monotonic() value)."""
+    poller = select.poll()
+    poller.register(sock, events)
+    left = deadline - time.monotonic()
+    if left <= 0 or not poller.poll(None if left == math.inf else left * 1e3):
+        raise socket.timeout("timed out")
 
 
 def read_frame(sock: socket.socket, reader: FrameReader) -> Frame:
@@ -158,6 +165,7 @@ class DirectLink:
                  poll_limit: float = POLL_LIMIT):
         self.address = address
         self._sock, self._reader = connect(address, CONNECT_TIMEOUT, auth)
+        self._sock.setblocking(False)  # waits poll the socket and then sleep in wait_ready, with no ioctl per call
         self._reader.limits = limits
         self._dest: Optional[list[memoryview]] = None
         self._reader.allocator = self._allocate
@@ -174,9 +182,8 @@ class DirectLink:
         socket.timeout past `timeout` seconds; LinkBroken if the connection fails."""
         chunks = encode(msg_type, req_id, body, buffers, self.limits)  # ProtocolError before anything is sent
         deadline = time.monotonic() + timeout
-        self._sock.settimeout(timeout)
         try:
-            self._send(chunks)
+            self._send(chunks, deadline)
         except socket.timeout:
             raise
         except OSError as exc:
@@ -186,8 +193,7 @@ class DirectLink:
         try:
             while True:  # anything else is a late reply to a request that timed out, or a notice
                 if not self._unanswered:
-                    self._sock.settimeout(max(1e-3, deadline - time.monotonic()))
-                    self._unanswered = read_frames(self._sock, self._reader, self.replies)
+                    self._unanswered = read_frames(self._sock, self._reader, self.replies, deadline)
                 frame = self._unanswered.pop(0)
                 if frame.req_id == req_id:
                     self.replies.answered()
@@ -199,10 +205,14 @@ class DirectLink:
         finally:
             self._dest = None
 
-    def _send(self, chunks: list) -> None:
+    def _send(self, chunks: list, deadline: float) -> None:
         views = [memoryview(c).cast("B") for c in chunks]
         while views:
-            sent = self._sock.sendmsg(views[:512])  # IOV_MAX is 1024 on Linux
+            try:
+                sent = self._sock.sendmsg(views[:512])  # IOV_MAX is 1024 on Linux
+            except BlockingIOError:  # the kernel's buffer is full
+                wait_ready(self._sock, select.POLLOUT, deadline)
+                continue
             while views and sent >= views[0].nbytes:
                 sent -= views[0].nbytes
                 views.pop(0)

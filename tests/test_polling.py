@@ -66,7 +66,7 @@ def late_sender():
     try:
         listener.settimeout(30)
         sock, _ = listener.accept()
-        sock.settimeout(10.0)
+        sock.setblocking(False)  # as a DirectLink's: its reads poll, then wait in poll()
         yield sock
         sock.close()
         proc.wait(10)
@@ -86,11 +86,20 @@ def _slept_while_reading(sock: socket.socket, clock: ReplyClock, delay_ms: int) 
     sock.sendall(bytes([delay_ms]))
     clock.sent()
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
-    frames = read_frames(sock, FrameReader(), clock)
+    frames = read_frames(sock, FrameReader(), clock, time.monotonic() + 10)
     slept = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
     assert [(f.type, f.req_id, f.body) for f in frames] == [(MsgType.REPLY, 7, {"data": 1})]
-    assert sock.gettimeout() == 10.0  # polling put the socket's timeout back
     return slept
+
+
+def test_a_read_past_its_deadline_times_out(late_sender: socket.socket) -> None:
+    late_sender.sendall(bytes([200]))
+    start = time.monotonic()
+    with pytest.raises(socket.timeout):
+        read_frames(late_sender, FrameReader(), ReplyClock(1e-3), start + 0.05)
+    assert 0.05 <= time.monotonic() - start < 0.18  # it slept until the deadline, not until the reply
+    late = read_frames(late_sender, FrameReader(), None, time.monotonic() + 10)  # the reply still comes whole
+    assert [(f.type, f.req_id) for f in late] == [(MsgType.REPLY, 7)]
 
 
 @counts_sleeps
