@@ -148,6 +148,10 @@ def run(limits: dict[str, float], quick: bool = False) -> list[Row]:
             limit_key="uvloop_pingpong_p50_us"),
         Row("small_get_p99", "small get p99 (16 floats)", float(np.percentile(lat, 99)), "µs",
             "uvloop round trip p99", p99, lower_is_better=True, limit_key="uvloop_pingpong_p99_us"),
+        # The get goes over the server's local Unix socket (multiverso_py.direct): against that round trip too.
+        *([Row("small_get_p50_unix", "small get p50, against a Unix socket round trip", float(np.percentile(lat, 50)),
+               "µs", "uvloop round trip p50, Unix socket", limits["uvloop_pingpong_unix_p50_us"], lower_is_better=True,
+               limit_key="uvloop_pingpong_unix_p50_us")] if "uvloop_pingpong_unix_p50_us" in limits else []),
         Row("small_adds_all", f"small add_async, {sizes.small_adds:,} in flight", med(adds_all), "adds/s",
             "uvloop pipelined", msgs, "msgs/s", samples=adds_all, limit_key="uvloop_pipelined_msgs_per_s",
             target_value=SMALL_ADD_TARGET),

@@ -77,7 +77,8 @@ def _helper(target: Callable[..., None], *args: Any) -> Iterator[int]:
 
 
 def _nodelay(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _uv_run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -226,18 +227,33 @@ class _EchoProtocol(_FramedProtocol):
             self.lost.set_result(None)
 
 
-async def _serve_echo(port_conn: Connection) -> None:
-    """Echo for one client and return once it disconnects, so the helper exits by itself."""
-    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    server = await asyncio.get_running_loop().create_server(lambda: _EchoProtocol(lost), "127.0.0.1", 0)
-    port_conn.send(server.sockets[0].getsockname()[1])
+async def _serve_echo(port_conn: Connection, unix: bool) -> None:
+    """Echo for one client and return once it disconnects, so the helper exits by itself.
+    Listens on 127.0.0.1, or on an abstract Unix socket (as a server does for workers on
+    its host) with `unix`; reports the port or the name."""
+    loop = asyncio.get_running_loop()
+    lost: asyncio.Future[None] = loop.create_future()
+    if unix:
+        name = f"\0multiverso-limits-{os.getpid()}"
+        server = await loop.create_unix_server(lambda: _EchoProtocol(lost), sock=_unix_listener(name))
+        port_conn.send(name)
+    else:
+        server = await loop.create_server(lambda: _EchoProtocol(lost), "127.0.0.1", 0)
+        port_conn.send(server.sockets[0].getsockname()[1])
     port_conn.close()
     await lost
 
 
-def _echo_server(port_conn: Connection, parent_pid: int) -> None:
+def _unix_listener(name: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(name)
+    sock.listen()
+    return sock
+
+
+def _echo_server(port_conn: Connection, parent_pid: int, unix: bool) -> None:
     watchdog(parent_pid)
-    _uv_run(_serve_echo(port_conn))
+    _uv_run(_serve_echo(port_conn, unix))
 
 
 class _EchoClient(_FramedProtocol):
@@ -270,26 +286,34 @@ class _EchoClient(_FramedProtocol):
             self.done.set_exception(ConnectionError(f"echo helper disconnected: {exc or 'EOF'}"))
 
 
-def _run_echo(window: int, body: Callable[[_EchoClient], Awaitable[Any]], timeout_s: float, what: str) -> Any:
-    """Run body on a client of a fresh echo helper, on a fresh uvloop loop, within timeout_s."""
+def _run_echo(window: int, body: Callable[[_EchoClient], Awaitable[Any]], timeout_s: float, what: str,
+              unix: bool = False) -> Any:
+    """Run body on a client of a fresh echo helper (over TCP, or a Unix socket with
+    `unix`), on a fresh uvloop loop, within timeout_s."""
 
-    async def session(port: int) -> Any:
+    async def session(port: int | str) -> Any:
         loop = asyncio.get_running_loop()
-        transport, client = await loop.create_connection(lambda: _EchoClient(window), "127.0.0.1", port)
+        if unix:  # uvloop connects to no abstract name itself: hand it a connected socket
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(port)
+            transport, client = await loop.create_unix_connection(lambda: _EchoClient(window), sock=sock)
+        else:
+            transport, client = await loop.create_connection(lambda: _EchoClient(window), "127.0.0.1", port)
         try:
             return await body(client)
         finally:
             transport.close()
 
-    with _helper(_echo_server) as port:
+    with _helper(_echo_server, unix) as port:
         try:
             return _uv_run(asyncio.wait_for(session(port), timeout_s))
         except asyncio.TimeoutError:
             raise LimitTimeout(f"{what} took over {timeout_s:g} s") from None
 
 
-def uvloop_pingpong_us(n: int = 2000, warmup: int = 200, timeout_s: float = 60.0) -> LatencyUs:
-    """Round-trip latency percentiles in microseconds for one 100-byte message at a time."""
+def uvloop_pingpong_us(n: int = 2000, warmup: int = 200, timeout_s: float = 60.0, unix: bool = False) -> LatencyUs:
+    """Round-trip latency percentiles in microseconds for one 100-byte message at a time,
+    over TCP or (`unix`) an abstract Unix socket."""
 
     async def body(client: _EchoClient) -> list[float]:
         times: list[float] = []
@@ -299,7 +323,7 @@ def uvloop_pingpong_us(n: int = 2000, warmup: int = 200, timeout_s: float = 60.0
             times.append(time.perf_counter() - start)
         return times[warmup:]
 
-    times_us = np.array(_run_echo(1, body, timeout_s, f"{n} uvloop round trips")) * 1e6
+    times_us = np.array(_run_echo(1, body, timeout_s, f"{n} uvloop round trips", unix)) * 1e6
     return LatencyUs(p50=float(np.percentile(times_us, 50)), p99=float(np.percentile(times_us, 99)))
 
 
@@ -326,10 +350,12 @@ def measure_all(quick: bool = False) -> dict[str, float]:
     """Every limit, flat; quick=True trades precision for a run of a few seconds."""
     size = (16 if quick else 64) * MiB
     latency = uvloop_pingpong_us(n=500 if quick else 2000)
+    unix = uvloop_pingpong_us(n=500 if quick else 2000, unix=True) if sys.platform == "linux" else None
     return {
         "socket_stream_gbps": socket_stream_gbps(size, rounds=3),
         "uvloop_pingpong_p50_us": latency["p50"],
         "uvloop_pingpong_p99_us": latency["p99"],
+        **({} if unix is None else {"uvloop_pingpong_unix_p50_us": unix["p50"]}),
         "uvloop_pipelined_msgs_per_s": uvloop_pipelined_msgs_per_s(n=20_000 if quick else 100_000),
         "memcpy_gbps": memcpy_gbps(size, rounds=3 if quick else 5),
     }

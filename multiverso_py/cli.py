@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="after each request, poll for the next one this long before sleeping; it answers "
                            "sooner, at the cost of a busy core while requests keep coming (default: MV_POLL_US, "
                            "else 2000; 0: never)")
+    serv.add_argument("--no-local-socket", dest="local_socket", action="store_false",
+                      help="serve workers on this host over TCP too; by default their synchronous calls take an "
+                           "abstract Unix socket (Linux), which skips the TCP stack")
     serv.add_argument("--ready-file", help="write HOST:PORT here once registered (for launchers)")
     _periodic_checkpoint_options(serv)
     _security_options(serv)
@@ -220,7 +223,8 @@ async def _server(args: argparse.Namespace) -> int:
                                  tls=load_tls(args.tls_cert, args.tls_key, args.tls_ca),
                                  checkpoint_dir=args.checkpoint_dir and os.path.abspath(args.checkpoint_dir),
                                  checkpoint_every=args.checkpoint_every,
-                                 poll_limit=poll_limit_from_env() if args.poll_us is None else args.poll_us))
+                                 poll_limit=poll_limit_from_env() if args.poll_us is None else args.poll_us,
+                                 local_socket=args.local_socket))
     await server.start()
     await server.register(parse_address(args.scheduler))
     _write_ready(args.ready_file, server.address)

@@ -112,8 +112,10 @@ def mv_command(log_level: str = "info") -> list[str]:
 def start_nodes(children: Children, workdir: str, workers: int, servers: int, *, log_level: str = "info",
                 startup_timeout: float = 30.0, heartbeat_timeout: Optional[float] = None,
                 restore: Optional[str] = None,
-                checkpoints: tuple[Optional[str], Optional[float]] = (None, None)) -> tuple[str, list[_Child]]:
-    """Start a scheduler and `servers` servers; (scheduler address, [scheduler, servers...])."""
+                checkpoints: tuple[Optional[str], Optional[float]] = (None, None),
+                server_options: Sequence[str] = ()) -> tuple[str, list[_Child]]:
+    """Start a scheduler and `servers` servers (`multiverso-py server` given server_options
+    too); (scheduler address, [scheduler, servers...])."""
     mv = mv_command(log_level)
     ready = os.path.join(workdir, "scheduler")
     extra = [] if heartbeat_timeout is None else ["--heartbeat-timeout", str(heartbeat_timeout)]
@@ -126,7 +128,8 @@ def start_nodes(children: Children, workdir: str, workers: int, servers: int, *,
     nodes = [scheduler]
     for j in range(servers):
         ready_j = os.path.join(workdir, f"server{j}")
-        nodes.append(children.start(f"server {j}", [*mv, "server", "--scheduler", address, "--ready-file", ready_j]))
+        nodes.append(children.start(f"server {j}", [*mv, "server", "--scheduler", address, "--ready-file", ready_j,
+                                                    *server_options]))
         _wait_ready(ready_j, nodes[-1], startup_timeout)
     return address, nodes
 

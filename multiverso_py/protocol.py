@@ -116,7 +116,10 @@ SCHEMAS: dict[MsgType, _Schema] = {
     MsgType.SHUTDOWN: {},
     MsgType.CLOCK: {"client": (_INT, True)},
     MsgType.WORKER_LEFT: {"worker": (_INT, True)},
-    MsgType.HELLO: {"nonce": ((bytes,), False)},
+    MsgType.HELLO: {
+        "nonce": ((bytes,), False),
+        "local": ((str,), False),  # a server's abstract Unix socket, for workers on its host (see multiverso_py.direct)
+    },
     MsgType.AUTH: {"mac": ((bytes,), True)},
     MsgType.CHECKPOINT: {"path": ((str,), True)},
     MsgType.PAUSE: {},

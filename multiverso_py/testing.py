@@ -33,8 +33,9 @@ class LocalCluster:
 
     def __init__(self, workers: int = 1, servers: int = 1, log_level: str = "info", startup_timeout: float = 30.0,
                  heartbeat_timeout: Optional[float] = None,
-                 checkpoints: tuple[Optional[str], Optional[float]] = (None, None)):
+                 checkpoints: tuple[Optional[str], Optional[float]] = (None, None), server_options: Sequence[str] = ()):
         self.workers, self.servers_num = workers, servers
+        self.server_options = server_options  # more `multiverso-py server` options
         self.heartbeat_timeout, self.checkpoints = heartbeat_timeout, checkpoints
         self.log = io.StringIO()
         self._log_level, self._startup_timeout = log_level, startup_timeout
@@ -49,7 +50,7 @@ class LocalCluster:
             self.address, self.nodes = start_nodes(self._children, self._tmp.name, self.workers, self.servers_num,
                                                    log_level=self._log_level, startup_timeout=self._startup_timeout,
                                                    heartbeat_timeout=self.heartbeat_timeout,
-                                                   checkpoints=self.checkpoints)
+                                                   checkpoints=self.checkpoints, server_options=self.server_options)
         except BaseException:
             self.__exit__(None, None, None)
             raise

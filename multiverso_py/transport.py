@@ -55,6 +55,7 @@ class Connection(asyncio.BufferedProtocol):
         accept: bool = False,  # the listening side, which opens the handshake
         auth: Optional[Auth] = None,
         handshake_timeout: float = 10.0,
+        greeting: Optional[dict] = None,  # the listening side: what else its HELLO tells the peer
     ):
         self.on_frame = on_frame
         self.on_close = on_close
@@ -63,6 +64,7 @@ class Connection(asyncio.BufferedProtocol):
         self.open = False  # handshake done: frames go to on_frame
         self.ready: Optional[asyncio.Future] = None  # the connecting side's handshake outcome
         self._accept, self._auth, self._handshake_timeout = accept, auth, handshake_timeout
+        self.greeting = greeting or {}  # the connecting side: the peer's HELLO, once received
         self._nonce: Optional[bytes] = None  # the acceptor's challenge; b"" once a connector answered
         self.transport: Optional[asyncio.Transport] = None
         self.peer = "?"
@@ -82,13 +84,13 @@ class Connection(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a local socket"  # a Unix socket's is ""
         loop = asyncio.get_running_loop()
         if not self._accept:
             self.ready = loop.create_future()
             return
         self._nonce = Auth.nonce() if self._auth else None
-        self.send(MsgType.HELLO, 0, {"nonce": self._nonce} if self._nonce else {})
+        self.send(MsgType.HELLO, 0, {**self.greeting, "nonce": self._nonce} if self._nonce else self.greeting)
         if self._nonce is None:
             self._open()
         else:
@@ -129,10 +131,12 @@ class Connection(asyncio.BufferedProtocol):
                                                        "(MV_AUTH_TOKEN or MV_AUTH_TOKEN_FILE)")
             self.close()
         elif frame.type is MsgType.HELLO and "nonce" not in frame.body:
+            self.greeting = frame.body
             self._open()
         elif frame.type is MsgType.HELLO and self._auth is None:
             self._refused("it requires the job's shared token: set MV_AUTH_TOKEN or MV_AUTH_TOKEN_FILE")
         elif frame.type is MsgType.HELLO:
+            self.greeting = frame.body
             self.send(MsgType.AUTH, 0, {"mac": self._auth.mac(frame.body["nonce"])})
             self._nonce = b""
         elif frame.type is MsgType.REPLY and self._nonce == b"":

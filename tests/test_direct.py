@@ -1,13 +1,17 @@
 """Synchronous calls on the caller's own thread (multiverso_py.direct), against real
 server processes: the same results as through the I/O thread, never overtaking a call
 in flight, and the same faults: a frozen server times out, a killed one fails fast, and
-an add whose link broke after it left is applied once."""
+an add whose link broke after it left is applied once. On the server's host the link
+takes the server's local (abstract Unix) socket, and TCP where that is off or missing."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
+import struct
+import termios
 import threading
 import time
 from typing import Any, Callable
@@ -17,7 +21,10 @@ import psutil
 import pytest
 
 import multiverso_py as mv
-from multiverso_py.testing import LocalCluster, wait_for
+from multiverso_py.direct import DirectLink
+from multiverso_py.framing import FrameReader
+from multiverso_py.protocol import MsgType
+from multiverso_py.testing import LocalCluster, read_frame, wait_for
 
 
 def _run_in_thread(action: Callable[[], Any]) -> tuple[threading.Thread, dict]:
@@ -36,7 +43,10 @@ def _run_in_thread(action: Callable[[], Any]) -> tuple[threading.Thread, dict]:
 
 
 def _queued_at_server(link_sock: socket.socket, server_pid: int) -> int:
-    """Bytes the server has not read yet on its end of this socket (it is stopped)."""
+    """Bytes the server has not read yet on its end of this socket (it is stopped); on a
+    Unix socket, which charges them to the sender until read, the memory they take."""
+    if link_sock.family == socket.AF_UNIX:
+        return struct.unpack("i", fcntl.ioctl(link_sock, termios.TIOCOUTQ, bytes(4)))[0]
     ours = link_sock.getsockname()[1]
     for conn in psutil.Process(server_pid).net_connections("tcp"):
         if conn.raddr and conn.raddr.port == ours:
@@ -182,3 +192,63 @@ def test_threads_calling_at_once_share_the_link_and_lose_nothing() -> None:
         before = job.client.direct_calls
         np.testing.assert_array_equal(table.get(), np.full(8, rounds * sum(range(1, threads + 1))))
         assert job.client.direct_calls == before + 1  # every call accounted for: the link is free again
+
+
+def _local_name(job: Any, sid: int) -> str:
+    return job.client._conns[sid].greeting["local"]
+
+
+def test_a_worker_on_the_servers_host_calls_through_its_local_socket() -> None:
+    with LocalCluster(workers=1, servers=1) as cluster, mv.init(cluster.address, timeout=20) as job:
+        table = mv.ArrayTable(16, name="t")
+        table.add(np.arange(16))
+        np.testing.assert_array_equal(table.get(), np.arange(16))
+        sock = job.client._links[0]._sock
+        assert sock.family == socket.AF_UNIX
+        assert sock.getpeername() == b"\0" + _local_name(job, 0).encode()  # abstract: no file to leave behind
+        assert job.client.direct_calls == 2
+
+
+def test_a_server_started_with_no_local_socket_is_called_over_tcp() -> None:
+    with LocalCluster(workers=1, servers=1, server_options=["--no-local-socket"]) as cluster, \
+            mv.init(cluster.address, timeout=20) as job:
+        table = mv.ArrayTable(16, name="t")
+        table.add(np.ones(16))
+        np.testing.assert_array_equal(table.get(), np.ones(16))
+        assert "local" not in job.client._conns[0].greeting
+        assert job.client._links[0]._sock.family == socket.AF_INET and job.client.direct_calls == 2
+
+
+def test_a_link_takes_tcp_where_the_local_socket_does_not_answer() -> None:
+    """As for a server on another host, whose abstract socket does not exist here."""
+    with LocalCluster(workers=1, servers=1) as cluster, mv.init(cluster.address, timeout=20) as job:
+        address = job.client.servers[0]
+        for local, family in ((_local_name(job, 0), socket.AF_UNIX), ("multiverso-server-elsewhere", socket.AF_INET)):
+            link = DirectLink(address, None, local=local)
+            try:
+                assert link._sock.family == family, local
+                reply = link.exchange(MsgType.HEARTBEAT, 1, {}, [], None, 10)
+                assert reply.type is MsgType.REPLY and reply.req_id == 1
+            finally:
+                link.close()
+
+
+def test_garbage_on_the_local_socket_is_refused_and_the_server_serves_on() -> None:
+    with LocalCluster(workers=1, servers=1) as cluster, mv.init(cluster.address, timeout=20) as job:
+        table = mv.ArrayTable(16, name="t")
+        table.add(np.ones(16))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        try:
+            sock.connect("\0" + _local_name(job, 0))
+            reader = FrameReader()
+            assert read_frame(sock, reader).type is MsgType.HELLO
+            sock.sendall(np.random.default_rng(5).bytes(4096))
+            answer = read_frame(sock, reader)
+            assert answer.type is MsgType.ERROR and "malformed frame" in answer.body["message"]
+            assert sock.recv(1) == b""  # then closed: the stream's framing is lost
+        finally:
+            sock.close()
+        np.testing.assert_array_equal(table.get(), np.ones(16))
+        assert wait_for(lambda: "closing connection from a local socket" in cluster.log.getvalue(), 10), \
+            cluster.log.getvalue()
