@@ -8,7 +8,8 @@ sequence number it applied per client, so a retried add is applied once. Before 
 each table's vector clock (see multiverso_py.consistency) may hold a request until the
 slowest worker catches up. A worker on this host may lend a segment of shared memory
 with a request (multiverso_py.shm): an add's arrays are read from it, a get's reply
-written into it.
+written into it. Workers on this host may also reach the server through a local
+(abstract Unix) socket, which its HELLO names.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class Server:
         self.address = f"{host}:{port}"
         if self.config.local_socket and self.config.tls.accept is None and sys.platform == "linux":
             await self._listen_locally()
-        log.info("server listening on %s%s", self.address, f" and local socket {self.local_name}" if self.local_name else "")
+        log.info("server listening on %s%s", self.address,
+                 f" and on local socket {self.local_name}" if self.local_name else "")
         return self.address
 
     async def _listen_locally(self) -> None:
