@@ -3,6 +3,7 @@ before it succeeds; refused peers get a clear error and everyone else goes on.""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
 import subprocess
@@ -63,6 +64,16 @@ def secured(monkeypatch: pytest.MonkeyPatch) -> Iterator[testing.LocalCluster]:
         yield cluster
 
 
+def _connect(where: str) -> socket.socket:
+    """A socket to a server's HOST:PORT, or to its abstract Unix socket by name."""
+    if ":" in where:
+        return socket.create_connection(testing.parse_address(where), timeout=10)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect("\0" + where)
+    return sock
+
+
 def read_answer(sock: socket.socket) -> list:
     """Frames until the peer closes (bounded by the socket's timeout)."""
     reader, frames = FrameReader(), []
@@ -87,15 +98,17 @@ def test_a_worker_with_the_token_works_and_others_are_refused(secured: testing.L
         table = mv.ArrayTable(4, name="t")
         table.add(np.ones(4))
         assert job.client.direct_calls == 1  # the caller's own link authenticated too (multiverso_py.direct)
+        assert job.client._links[0]._sock.family == socket.AF_UNIX  # through the server's local socket
         server = secured.server_address(0)
-        # while the worker runs, peers without the token try the server in every way
-        for attempt in (
+        local = job.client._conns[0].greeting["local"]
+        # while the worker runs, peers without the token try the server in every way, on both its sockets
+        for attempt, where in itertools.product((
             encode_bytes(MsgType.GET, 1, {"table": 0, "client": 0, "seq": 1, "map": 1, "parts": [{"p": 0}]}),
             encode_bytes(MsgType.AUTH, 0, {"mac": b"\0" * 32}),
             b"garbage that is no frame at all" * 10,
             PREFIX.pack(MAGIC, VERSION, 100, 1) + struct.pack("<Q", 1 << 30),  # asks us to allocate 1 GiB
-        ):
-            with socket.create_connection(testing.parse_address(server), timeout=10) as sock:
+        ), ("tcp", "local")):
+            with _connect(server if where == "tcp" else local) as sock:
                 hello = testing.read_frame(sock, FrameReader())
                 assert hello.type is MsgType.HELLO and len(hello.body["nonce"]) == 32
                 sock.sendall(attempt)
