@@ -39,7 +39,9 @@ def tls_cluster(pki: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterato
 
 
 def test_a_job_over_tls(tls_cluster: testing.LocalCluster) -> None:
-    with mv.init(tls_cluster.address, timeout=20):
+    with mv.init(tls_cluster.address, timeout=20) as job:
+        # no plain local socket beside TLS: it would bypass it (nor any call on the caller's thread)
+        assert all("local" not in conn.greeting for conn in job.client._conns.values())
         big = mv.ArrayTable(3 << 20, name="big")  # 12 MiB: many TLS records, both ways
         values = np.arange(3 << 20, dtype=np.float32)
         big.add(values)
@@ -47,6 +49,7 @@ def test_a_job_over_tls(tls_cluster: testing.LocalCluster) -> None:
         kv = mv.KVTable(dim=2, name="kv")
         kv.add([5, -7], np.ones((2, 2)))
         np.testing.assert_array_equal(kv.get([-7, 5]), np.ones((2, 2)))
+        assert job.client.direct_calls == 0
 
 
 def test_a_worker_that_does_not_trust_the_certificate_is_refused(tls_cluster: testing.LocalCluster, pki: dict,
