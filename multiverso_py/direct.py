@@ -126,7 +126,7 @@ def connect(address: str, timeout: float, auth: Optional[Auth] = None,
     Unix socket skips the TCP stack (a small get is 10% faster). TCP otherwise."""
     if local is not None:
         try:
-            return _past_handshake(_local_socket(local, timeout), auth)
+            return _past_handshake(connect_local(local, timeout), auth)
         except (OSError, MultiversoError) as exc:
             log.debug("server %s is not reachable on a local socket (%s); connecting over TCP", address, exc)
     try:
@@ -138,7 +138,9 @@ def connect(address: str, timeout: float, auth: Optional[Auth] = None,
     return _past_handshake(sock, auth)
 
 
-def _local_socket(name: str, timeout: float) -> socket.socket:
+def connect_local(name: str, timeout: float) -> socket.socket:
+    """A socket connected to the abstract Unix socket `name` (a server's local socket),
+    its timeout set; the handshake is the caller's."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)

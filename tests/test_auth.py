@@ -18,6 +18,7 @@ import pytest
 import multiverso_py as mv
 from multiverso_py import testing
 from multiverso_py.auth import Auth, load_auth
+from multiverso_py.direct import connect_local
 from multiverso_py.errors import ErrorCode, InvalidArgument
 from multiverso_py.framing import MAGIC, PREFIX, VERSION, FrameReader, encode_bytes
 from multiverso_py.protocol import MsgType
@@ -68,10 +69,7 @@ def _connect(where: str) -> socket.socket:
     """A socket to a server's HOST:PORT, or to its abstract Unix socket by name."""
     if ":" in where:
         return socket.create_connection(testing.parse_address(where), timeout=10)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect("\0" + where)
-    return sock
+    return connect_local(where, 10)
 
 
 def read_answer(sock: socket.socket) -> list:

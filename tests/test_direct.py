@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 import multiverso_py as mv
-from multiverso_py.direct import DirectLink
+from multiverso_py.direct import DirectLink, connect_local
 from multiverso_py.framing import FrameReader
 from multiverso_py.protocol import MsgType
 from multiverso_py.testing import LocalCluster, read_frame, wait_for
@@ -237,10 +237,8 @@ def test_garbage_on_the_local_socket_is_refused_and_the_server_serves_on() -> No
     with LocalCluster(workers=1, servers=1) as cluster, mv.init(cluster.address, timeout=20) as job:
         table = mv.ArrayTable(16, name="t")
         table.add(np.ones(16))
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
+        sock = connect_local(_local_name(job, 0), 10)
         try:
-            sock.connect("\0" + _local_name(job, 0))
             reader = FrameReader()
             assert read_frame(sock, reader).type is MsgType.HELLO
             sock.sendall(np.random.default_rng(5).bytes(4096))
