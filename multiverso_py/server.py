@@ -41,6 +41,8 @@ from multiverso_py.transport import Connection, open_connection
 
 log = logging.getLogger(__name__)
 
+SEGMENT_SWEEP_S = 2.0  # how often the segments workers dropped are unmapped (their memory then goes)
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -83,6 +85,7 @@ class Server:
         self._scheduler: Optional[Connection] = None
         self._connections: set[Connection] = set()
         self._shm: dict[Connection, shm.ServerLinks] = {}  # workers' segments mapped, per connection
+        self._segment_sweep: Optional[asyncio.TimerHandle] = None
         self._closed: Optional[asyncio.Event] = None
         self._register_reply: Optional[asyncio.Future] = None
         self._clocks: dict[int, int] = {}  # worker -> clocks it finished; new tables start from these
@@ -107,6 +110,7 @@ class Server:
             await self._listen_locally()
         log.info("server listening on %s%s", self.address,
                  f" and on local socket {self.local_name}" if self.local_name else "")
+        self._sweep_segments()
         return self.address
 
     async def _listen_locally(self) -> None:
@@ -147,6 +151,12 @@ class Server:
         if links is None:
             links = self._shm[conn] = shm.ServerLinks()
         return links
+
+    def _sweep_segments(self) -> None:
+        """Unmap the segments that workers dropped, on any of their connections."""
+        for links in self._shm.values():
+            links.forget_unlinked()
+        self._segment_sweep = self.loop.call_later(SEGMENT_SWEEP_S, self._sweep_segments)
 
     def connect_local(self, on_frame: Callable, on_close: Callable) -> LocalConnection:
         """A connection from a worker in this process (the embedded job), on this loop: no
@@ -326,6 +336,8 @@ class Server:
         if self._closed is None or self._closed.is_set():
             return
         self._closed.set()
+        if self._segment_sweep is not None:
+            self._segment_sweep.cancel()
         for listener in (self._listener, self._local_listener):
             if listener is not None:
                 listener.close()

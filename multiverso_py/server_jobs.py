@@ -93,11 +93,11 @@ class TablePool:
             except Exception:
                 log.exception("a table job failed")
             with self._lock:
-                if self._backlog:
-                    job = self._backlog.popleft()
-                    continue
-                self._idle.append(inbox)
-            job = inbox.get()
+                job = self._backlog.popleft() if self._backlog else None
+                if job is None:
+                    self._idle.append(inbox)
+            if job is None:  # waits holding no job: a finished one's request may hold a worker's segment
+                job = inbox.get()
 
 
 class Turns:

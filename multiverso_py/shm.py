@@ -12,7 +12,7 @@ only the header.
 
 Segments belong to the worker, which reuses them; its resource tracker unlinks them when
 it exits, even after kill -9. The server maps them, per connection, and unmaps them when
-the connection closes. A connection uses shared memory only once a probe has shown that
+the connection closes, or within seconds of the worker dropping (unlinking) them. A connection uses shared memory only once a probe has shown that
 the server can open the worker's segments (same host, same IPC namespace), and only for
 messages of at least MIN_BYTES.
 """
@@ -289,7 +289,9 @@ class WorkerLinks:
 
 class ServerLinks:
     """The segments one connection's requests named, each mapped once; the least recently
-    used are unmapped beyond limit_bytes (segments the worker unlinked are never named again)."""
+    used are unmapped beyond limit_bytes. The server unmaps those the worker has dropped
+    (unlinked) from time to time: they are never named again, and their memory lasts
+    while any process maps them."""
 
     def __init__(self, limit_bytes: int = MAPPED_BYTES):
         self.limit_bytes = limit_bytes
@@ -321,9 +323,25 @@ class ServerLinks:
             raise ProtocolError(f"segment {name} has {len(mapped)} bytes, the request says {size}")
         return memoryview(mapped)[:size]
 
+    def forget_unlinked(self) -> None:
+        """Unmap the segments whose worker has unlinked them."""
+        for name in [name for name in self._mapped if not _linked(name)]:
+            self._bytes -= len(self._mapped.pop(name))  # unmapped with its last view
+
     def close(self) -> None:
         self._mapped.clear()
         self._bytes = 0
+
+
+def _linked(name: str) -> bool:
+    """Whether a segment still has its name (True where that cannot be told)."""
+    try:
+        os.close(_posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def probe_answer(body: dict) -> bool:

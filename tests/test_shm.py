@@ -21,6 +21,7 @@ from multiverso_py import shm, testing
 from multiverso_py.errors import ErrorCode, ProtocolError
 from multiverso_py.framing import FrameReader, encode_bytes
 from multiverso_py.protocol import MsgType
+from multiverso_py.server import SEGMENT_SWEEP_S
 from multiverso_py.tables.base import Part
 from multiverso_py.testing import LocalCluster
 
@@ -230,6 +231,39 @@ def test_a_held_add_keeps_its_arrays_when_the_worker_reuses_its_segment(tmp_path
     script.write_text(textwrap.dedent(HELD_ADDS))
     result = testing.run_job(script, workers=2, servers=1, timeout=90)
     assert result.returncode == 0, testing.job_report(result)
+
+
+def unlinked_segments_mapped(pid: int) -> set[str]:
+    """The names of segments process pid still maps though their worker has unlinked them."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {line.split("/dev/shm/")[1].split()[0] for line in lines if "/dev/shm/mvpy_" in line and "(deleted)" in line}
+
+
+@needs_shm
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's mappings from /proc")
+def test_a_server_unmaps_the_segments_its_worker_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker that keeps 16 MiB of idle segments and pulls tables of changing sizes drops
+    # segments all the time; the server must not keep their memory alive.
+    monkeypatch.setattr(shm, "_free_shared_bytes", lambda: 64 * MiB)
+    dropped: set[str] = set()
+    close = shm.Segment.close
+
+    def closed(self: shm.Segment) -> None:
+        if self.buf is not None:
+            dropped.add(self.name)
+        close(self)
+
+    monkeypatch.setattr(shm.Segment, "close", closed)
+    with LocalCluster(servers=1, log_level="warning") as cluster, mv.init(cluster.address, timeout=30):
+        for mib in (3, 6, 12, 5, 11, 4, 9, 13):
+            table = mv.ArrayTable(mib * MiB // 4, name=f"t{mib}")
+            table.add(np.full(table.size, mib, np.float32))
+            assert table.get()[-1] == mib
+        assert len(dropped) >= 4, dropped  # the worker did drop segments the server had mapped
+        server = cluster.servers[0].pid
+        assert testing.wait_for(lambda: not unlinked_segments_mapped(server), timeout=4 * SEGMENT_SWEEP_S), \
+            f"the server still maps dropped segments {unlinked_segments_mapped(server)}"
+        np.testing.assert_array_equal(table.get(), np.full(table.size, 13, np.float32))  # and serves on
 
 
 KILLED_WORKER = """
