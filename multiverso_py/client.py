@@ -27,7 +27,8 @@ import numpy as np
 
 from multiverso_py.acks import AddTracker
 from multiverso_py.auth import Auth
-from multiverso_py.batching import BATCH_BYTES, Batch, OpenBatches, chunk_messages, merge_adds, part_bytes, split_large
+from multiverso_py.batching import (BATCH_BYTES, MESSAGE_TARGET_BYTES, Batch, OpenBatches, chunk_messages, merge_adds,
+                                    part_bytes, split_large)
 from multiverso_py.control import ControlRequests, SendGate, heartbeat
 from multiverso_py.direct import DirectCalls
 from multiverso_py.polling import POLL_LIMIT
@@ -265,6 +266,8 @@ class Client(Interruptions, DirectCalls):
     @staticmethod
     def _messages(call: _Op, parts: list[Part]) -> list[tuple[int, list[Part]]]:
         """A call's parts as bounded messages: (server, parts) each."""
+        if len(parts) == 1 and part_bytes(parts[0]) <= MESSAGE_TARGET_BYTES:  # most calls: nothing to split
+            return [(call.info.owners[parts[0].pid], parts)]
         by_server: dict[int, list[Part]] = {}
         for part in split_large(parts):
             by_server.setdefault(call.info.owners[part.pid], []).append(part)
