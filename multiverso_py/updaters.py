@@ -41,6 +41,8 @@ class AddUpdater(Updater):
         if rows is None or isinstance(rows, slice):
             target = self.data if rows is None else self.data[rows]
             np.add(target, delta, out=target)
+        elif self.data.ndim == 1:  # one number a row: numpy's scatter-add is 4-5x faster, and needs no scratch
+            np.add.at(self.data, rows, delta)
         else:
             add_rows(self.data, rows, delta, self.repeat_sums)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import textwrap
+import tracemalloc
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -179,6 +180,22 @@ def test_rule_matches_its_formula(name: str, dtype: str, row_shape: tuple) -> No
             after = {"data": data, **state}
             for key, array in before.items():
                 np.testing.assert_array_equal(after[key][untouched], array[untouched], err_msg=f"{what}: {key}")
+
+
+def test_an_add_at_elements_allocates_nothing_the_size_of_the_table() -> None:
+    # A scratch slot per row (4 bytes) would double a float32 vector's memory on a server.
+    data = np.zeros(1 << 20, np.float32)
+    updater = make_updater("add", {}, data)
+    rows = np.array([7, 9, 7, 0, (1 << 20) - 1])
+    tracemalloc.start()
+    try:
+        updater.apply(np.ones(len(rows), np.float32), rows, {})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < data.nbytes // 100, f"the add allocated {peak} bytes for a table of {data.nbytes}"
+    np.testing.assert_array_equal(data[[7, 9, 0, (1 << 20) - 1]], [2, 1, 1, 1])
+    assert data.sum() == len(rows)
 
 
 def test_only_add_is_additive_and_a_state_is_what_the_rule_keeps() -> None:
