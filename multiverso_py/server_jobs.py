@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -15,6 +16,7 @@ import numpy as np
 
 from multiverso_py import shm
 from multiverso_py.consistency import TableClock
+from multiverso_py.cores import LoopCore, current_cpu
 from multiverso_py.errors import MultiversoError, ProtocolError, code_for
 from multiverso_py.polling import yield_cpu
 from multiverso_py.protocol import Frame, MsgType, pack_parts
@@ -45,8 +47,9 @@ class TablePool:
     threads switched about 2 times a get instead of 6.4 (the loop slept 0.0-0.3 times
     instead of 2.1), and a small get went from 78-80 µs to 69-73 µs (alternating runs;
     in the dense benchmark's process from 79-105 µs to 69-72 µs). A thread woken on a
-    core of its own just starts; the yield then costs a system call. A job reports its
-    own errors; one that escapes is logged. The
+    core of its own just starts; the yield then costs a system call. A thread whose small
+    jobs keep running on another core than the loop's moves itself there (see
+    multiverso_py.cores). A job reports its own errors; one that escapes is logged. The
     threads are daemons: a job still running when the process exits is cut off
     (checkpoints are written to a temporary folder and renamed, so none is left half
     written)."""
@@ -57,7 +60,10 @@ class TablePool:
         self._inboxes = [queue.SimpleQueue() for _ in range(threads)]  # one waiter each: a put wakes it alone
         self._idle: list[queue.SimpleQueue] = list(self._inboxes)  # of idle threads, the last to go idle at the end
         self._closed = False
-        self._threads = [threading.Thread(target=self._serve, args=(inbox,), name=f"{name}_{i}", daemon=True)
+        self.loop_cpu = -1  # the submitter's (the event loop's) core at the last submit
+        self.cores: list[LoopCore] = [LoopCore() for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._serve, args=(inbox, self.cores[i]), name=f"{name}_{i}",
+                                          daemon=True)
                          for i, inbox in enumerate(self._inboxes)]
         for thread in self._threads:
             thread.start()
@@ -74,6 +80,7 @@ class TablePool:
                 self._backlog.append(job)
                 return
             inbox = self._idle.pop()
+        self.loop_cpu = current_cpu()
         inbox.put(job)
         yield_cpu()  # let the woken thread start now (see the class's docstring)
 
@@ -85,13 +92,15 @@ class TablePool:
         for inbox in self._inboxes:
             inbox.put(None)
 
-    def _serve(self, inbox: queue.SimpleQueue[Optional[Callable[[], None]]]) -> None:
+    def _serve(self, inbox: queue.SimpleQueue[Optional[Callable[[], None]]], core: LoopCore) -> None:
         job = inbox.get()
         while job is not None and not self._closed:
+            start = time.perf_counter()
             try:
                 job()
             except Exception:
                 log.exception("a table job failed")
+            core.job_done(time.perf_counter() - start, self.loop_cpu)  # see multiverso_py.cores
             with self._lock:
                 job = self._backlog.popleft() if self._backlog else None
                 if job is None:

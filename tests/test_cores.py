@@ -1,0 +1,89 @@
+"""Small table jobs kept on the event loop's core (multiverso_py.cores): real threads on
+real cores, with a busy process on the other core as a polling worker would be."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from multiverso_py import cores
+from multiverso_py.cores import current_cpu, move_to
+from multiverso_py.polling import yield_cpu
+from multiverso_py.server_jobs import TablePool
+
+needs_two_cores = pytest.mark.skipif(current_cpu() < 0 or len(os.sched_getaffinity(0)) < 2,
+                                     reason="moves threads between two cores (Linux)")
+
+
+def on_a_thread(fn):
+    """fn's result, run on a thread of its own (whose affinity the test may change)."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join(10)
+    assert result, "the thread did not finish"
+    return result[0]
+
+
+@needs_two_cores
+def test_move_to_moves_the_calling_thread_and_leaves_its_affinity_as_it_was() -> None:
+    allowed = os.sched_getaffinity(0)
+
+    def moves() -> list:
+        return [(cpu, move_to(cpu), current_cpu(), os.sched_getaffinity(0)) for cpu in sorted(allowed)[:2]]
+
+    for cpu, moved, now, mask in on_a_thread(moves):
+        assert moved and now == cpu and mask == allowed, (cpu, moved, now, mask)
+    assert on_a_thread(lambda: move_to(max(allowed) + 1)) is False  # not a core it may use
+
+
+def small_jobs_on(pool: TablePool, loop_core: int, count: int) -> list[int]:
+    """The cores that `count` small jobs ran on, submitted by a thread on loop_core that
+    polls for each job's end (yielding), as the event loop does."""
+
+    def loop() -> list[int]:
+        os.sched_setaffinity(0, {loop_core})
+        ran_on: list[int] = []
+        deadline = time.monotonic() + 20
+        for _ in range(count):
+            done = threading.Event()
+            pool.submit(lambda: (ran_on.append(current_cpu()), done.set()))
+            while not done.is_set():
+                if time.monotonic() > deadline:
+                    return ran_on
+                yield_cpu()
+        return ran_on
+
+    return on_a_thread(loop)
+
+
+JOBS = 320
+assert JOBS >= 10 * cores.AWAY_LIMIT  # the thread moves within the first half
+
+
+@needs_two_cores
+def test_a_table_thread_whose_small_jobs_run_beside_the_loop_moves_to_its_core() -> None:
+    loop_core, other = sorted(os.sched_getaffinity(0))[:2]
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a polling worker's core
+    pool = TablePool(1, "test-pool")
+    try:
+        os.sched_setaffinity(busy.pid, {other})
+        table_thread = pool._threads[0].native_id
+        allowed = os.sched_getaffinity(table_thread)
+        os.sched_setaffinity(table_thread, {other})
+        assert small_jobs_on(pool, loop_core, 1) == [other]  # it ran there last...
+        os.sched_setaffinity(table_thread, allowed)  # ...and may run anywhere again
+        ran_on = small_jobs_on(pool, loop_core, JOBS)
+    finally:
+        pool.shutdown()
+        busy.kill()
+        busy.wait(10)
+    assert len(ran_on) == JOBS
+    assert pool.cores[0].moves >= 1
+    last = ran_on[JOBS // 2:]
+    assert last.count(loop_core) >= 0.9 * len(last), f"the last small jobs ran on cores {last}"
