@@ -62,21 +62,26 @@ def small_jobs_on(pool: TablePool, loop_core: int, count: int) -> list[int]:
     return on_a_thread(loop)
 
 
+def another_core() -> int:
+    """A core the calling thread may run on other than the one it runs on now."""
+    return next(c for c in sorted(os.sched_getaffinity(0)) if c != current_cpu())
+
+
 @needs_two_cores
 def test_a_run_of_small_jobs_away_from_the_loop_moves_the_thread_and_nothing_else_does() -> None:
     """LoopCore on a real thread: long jobs, an unknown loop core or jobs on the loop's
     core never move it; AWAY_LIMIT small jobs in a row elsewhere move it there."""
 
     def run() -> tuple[int, int, int, int]:
-        others = [c for c in sorted(os.sched_getaffinity(0)) if c != current_cpu()]
+        away = another_core()
         stays = LoopCore()
         for _ in range(2 * cores.AWAY_LIMIT):
-            stays.job_done(2 * cores.SMALL_JOB, others[0])  # numpy work: left where it runs
+            stays.job_done(2 * cores.SMALL_JOB, away)  # numpy work: left where it runs
             stays.job_done(1e-6, -1)  # the loop's core unknown
             stays.job_done(1e-6, current_cpu())  # already there
         moves = LoopCore()
         for _ in range(5):  # bounded retries: the kernel may move the thread mid-run by itself
-            target = next(c for c in sorted(os.sched_getaffinity(0)) if c != current_cpu())
+            target = another_core()
             for _ in range(cores.AWAY_LIMIT):
                 moves.job_done(1e-6, target)
             if moves.moves:
