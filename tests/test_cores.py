@@ -93,7 +93,7 @@ def test_a_run_of_small_jobs_away_from_the_loop_moves_the_thread_and_nothing_els
     assert moved == 1 and now == target, (moved, now, target)
 
 
-JOBS = 320
+JOBS = 20 * cores.AWAY_LIMIT  # a thread that must move itself does so early in the first half
 
 
 @needs_two_cores
