@@ -19,7 +19,7 @@ import numpy as np
 
 import multiverso_py as mv
 from benchmarks import report
-from benchmarks.limits import timed_rounds
+from benchmarks.limits import rates
 from benchmarks.report import Row
 from multiverso_py.testing import LocalCluster
 
@@ -45,19 +45,14 @@ FULL = Sizes(dense_bytes=64 * MiB, rounds=11, small_gets=2000, small_warmup=200,
 QUICK = Sizes(dense_bytes=16 * MiB, rounds=5, small_gets=500, small_warmup=50, small_adds=5_000)
 
 
-def _gbps(nbytes: int, times: list[float]) -> list[float]:
-    return [nbytes / t / 1e9 for t in times]
-
-
 def _dense(table: mv.ArrayTable, sizes: Sizes) -> tuple[list[float], list[float], list[float]]:
     """GB/s per round of get() (a new result each time), get(out=...) (one reused
     result, as a training loop pulls) and add(delta), on the whole table."""
     delta = np.ones(table.size, np.float32)
     out = np.empty(table.shape, np.float32)
-    pull = _gbps(sizes.dense_bytes, timed_rounds(table.get, sizes.rounds))
-    pull_out = _gbps(sizes.dense_bytes, timed_rounds(lambda: table.get(out=out), sizes.rounds))
-    push = _gbps(sizes.dense_bytes, timed_rounds(lambda: table.add(delta), sizes.rounds))
-    return pull, pull_out, push
+    gbps = rates(sizes.dense_bytes / 1e9, {"pull": table.get, "pull_out": lambda: table.get(out=out),
+                                           "push": lambda: table.add(delta)}, sizes.rounds)
+    return gbps["pull"], gbps["pull_out"], gbps["push"]
 
 
 def _small_get_us(table: mv.ArrayTable, sizes: Sizes) -> np.ndarray:

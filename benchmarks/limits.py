@@ -90,15 +90,30 @@ def _uv_run(coro: Coroutine[Any, Any, Any]) -> Any:
         loop.close()
 
 
+def interleaved_rounds(actions: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each action's rounds, after one untimed warm-up call each. The actions
+    take turns round by round, so a slow spell (this machine has them, and Ray's object
+    store stalls for a few hundred ms every so often) costs each of them a round instead
+    of costing one of them its median."""
+    for action in actions.values():
+        action()
+    times: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(rounds):
+        for name, action in actions.items():
+            start = time.perf_counter()
+            action()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def timed_rounds(action: Callable[[], object], rounds: int) -> list[float]:
     """Seconds of each of rounds calls, after one untimed warm-up call."""
-    action()
-    times: list[float] = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return times
+    return interleaved_rounds({"": action}, rounds)[""]
+
+
+def rates(per_round: float, actions: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """per_round / seconds for each round of each action, the actions interleaved."""
+    return {name: [per_round / t for t in times] for name, times in interleaved_rounds(actions, rounds).items()}
 
 
 def _median_s(action: Callable[[], object], rounds: int) -> float:

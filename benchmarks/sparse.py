@@ -18,7 +18,7 @@ import numpy as np
 import multiverso_py as mv
 from benchmarks import peers, report
 from benchmarks.dense import adds_all_in_flight
-from benchmarks.limits import timed_rounds
+from benchmarks.limits import rates
 from benchmarks.peers import PeerSizes, Samples
 from benchmarks.report import Row
 from multiverso_py.testing import LocalCluster
@@ -51,10 +51,6 @@ def sci(n: int) -> str:
     return f"{n:.0e}".replace("e+0", "e").replace("e+", "e")
 
 
-def _rates(per_round: float, times: list[float]) -> list[float]:
-    return [per_round / t for t in times]
-
-
 def _row_tables(num_rows: int, sizes: Sizes, rng: np.random.Generator) -> tuple[Samples, dict[str, float]]:
     """Rows/s per round on a num_rows x cols table, 4096 random rows a request: MatrixTable
     get and add; SparseMatrixTable add, then get of the rows that add changed (they must
@@ -67,9 +63,8 @@ def _row_tables(num_rows: int, sizes: Sizes, rng: np.random.Generator) -> tuple[
     matrix = mv.MatrixTable(num_rows, cols, name=f"matrix{num_rows}")
     # Each timed action repeats its warm-up round's rows, whose pages that round faulted in
     # on the server (torch.zeros touches every page up front).
-    out = {"matrix_pull": _rates(per_round, timed_rounds(lambda: [matrix.get(r) for r in batches], sizes.rounds)),
-           "matrix_push": _rates(per_round, timed_rounds(lambda: [matrix.add(delta, r) for r in batches],
-                                                         sizes.rounds))}
+    out = rates(per_round, {"matrix_pull": lambda: [matrix.get(r) for r in batches],
+                            "matrix_push": lambda: [matrix.add(delta, r) for r in batches]}, sizes.rounds)
     sparse = mv.SparseMatrixTable(num_rows, cols, name=f"sparse{num_rows}")
 
     def received() -> int:
@@ -130,8 +125,8 @@ def _kv(sizes: Sizes, rng: np.random.Generator) -> Samples:
     return {
         "kv_insert_pass": [len(keys) / sum(chunk_spent)],
         "kv_insert": [n / t for n, t in zip(chunk_keys, chunk_spent)],
-        "kv_get": _rates(per_round, timed_rounds(lambda: [table.get(k) for k in existing], sizes.rounds)),
-        "kv_add": _rates(per_round, timed_rounds(lambda: [table.add(k, values) for k in existing], sizes.rounds)),
+        **rates(per_round, {"kv_get": lambda: [table.get(k) for k in existing],
+                            "kv_add": lambda: [table.add(k, values) for k in existing]}, sizes.rounds),
     }
 
 

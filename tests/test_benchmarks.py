@@ -1,7 +1,7 @@
 """Smoke tests of the benchmark suite's newer parts on tiny sizes: the Ray actor peer (when
 ray is installed) leaves no daemon behind, the concurrent push ends at its closed form,
 the scaling run checks every server count, the memory probe reads peaks, and the comparison
-rows invert targets for latencies."""
+rows invert targets for latencies, and the actions timed side by side take turns."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
 
-from benchmarks import concurrent, memory, peers, scaling, versus  # noqa: E402
+from benchmarks import concurrent, limits, memory, peers, scaling, versus  # noqa: E402
 from benchmarks.report import Row  # noqa: E402
 
 TINY = peers.PeerSizes(table_rows=1000, cols=4, batch_rows=64, requests=2, rounds=1, dense_bytes=1 << 20,
@@ -103,3 +103,13 @@ def test_scaling_runs_each_server_count_and_checks_the_final_value(tmp_path: Pat
                           out=tmp_path)
     table = (tmp_path / "scaling.md").read_text()
     assert table.count("10 everywhere") == 2 and "MISMATCH" not in table and (tmp_path / "scaling.json").exists()
+
+
+def test_actions_timed_side_by_side_take_turns_after_one_warm_up_each() -> None:
+    calls: list[str] = []
+    times = limits.interleaved_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b"] * 4  # the warm-ups, then three rounds in turn
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+    assert all(t >= 0 for t in times["a"] + times["b"])
+    rates = limits.rates(10.0, {"slow": lambda: time.sleep(0.02)}, 2)["slow"]
+    assert len(rates) == 2 and all(0 < r <= 10.0 / 0.02 for r in rates)  # per_round / seconds

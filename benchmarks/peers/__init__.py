@@ -44,7 +44,7 @@ class PeerSizes:
 
 
 FULL = PeerSizes(table_rows=1_000_000, cols=16, batch_rows=4096, requests=30, rounds=7,
-                 dense_bytes=64 << 20, dense_rounds=5, small_adds=5000, small_gets=1000)
+                 dense_bytes=64 << 20, dense_rounds=9, small_adds=5000, small_gets=1000)
 QUICK = PeerSizes(table_rows=1_000_000, cols=16, batch_rows=4096, requests=10, rounds=3,
                   dense_bytes=16 << 20, dense_rounds=3, small_adds=1000, small_gets=200)
 PEER_TIMEOUT_S = 180.0  # the measuring process's whole run, start-up included

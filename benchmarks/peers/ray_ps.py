@@ -19,13 +19,12 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import numpy as np
 import ray
 
-from benchmarks.limits import timed_rounds
+from benchmarks.limits import rates
 from benchmarks.peers import PeerSizes, Samples, reply
 
 SMALL = 16  # floats in the small table
@@ -61,10 +60,6 @@ class ParameterServer:
         self.small += gradient
 
 
-def _rate(per_round: float, action: Callable[[], object], rounds: int) -> list[float]:
-    return [per_round / t for t in timed_rounds(action, rounds)]
-
-
 def _dense(ps: ray.actor.ActorHandle, sizes: PeerSizes) -> Samples:
     """GB/s of the weights as ray.get returns them (a read-only view into the object
     store), copied into one reused writable array (as a trainer loads its model), copied
@@ -74,12 +69,12 @@ def _dense(ps: ray.actor.ActorHandle, sizes: PeerSizes) -> Samples:
     gradient = np.ones(sizes.dense_bytes // 4, np.float32)
     for _ in range(STORE_WARMUP):
         ray.get(ps.get_weights.remote())
-    return {
-        "dense_pull_view_gbps": _rate(gb, lambda: ray.get(ps.get_weights.remote()), rounds),
-        "dense_pull_into_gbps": _rate(gb, lambda: np.copyto(out, ray.get(ps.get_weights.remote())), rounds),
-        "dense_pull_copy_gbps": _rate(gb, lambda: ray.get(ps.get_weights.remote()).copy(), rounds),
-        "dense_push_gbps": _rate(gb, lambda: ray.get(ps.apply_gradients.remote(gradient)), rounds),
-    }
+    return rates(gb, {
+        "dense_pull_view_gbps": lambda: ray.get(ps.get_weights.remote()),
+        "dense_pull_into_gbps": lambda: np.copyto(out, ray.get(ps.get_weights.remote())),
+        "dense_pull_copy_gbps": lambda: ray.get(ps.get_weights.remote()).copy(),
+        "dense_push_gbps": lambda: ray.get(ps.apply_gradients.remote(gradient)),
+    }, rounds)
 
 
 def _sparse(ps: ray.actor.ActorHandle, sizes: PeerSizes) -> Samples:
@@ -87,12 +82,10 @@ def _sparse(ps: ray.actor.ActorHandle, sizes: PeerSizes) -> Samples:
     batches = [rng.integers(0, sizes.table_rows, sizes.batch_rows) for _ in range(sizes.requests)]
     gradient = np.ones((sizes.batch_rows, sizes.cols), np.float32)
     per_round = sizes.requests * sizes.batch_rows
-    return {
-        "sparse_pull_rows_per_s": _rate(per_round, lambda: [ray.get(ps.get_rows.remote(r)) for r in batches],
-                                        sizes.rounds),
-        "sparse_push_rows_per_s": _rate(
-            per_round, lambda: [ray.get(ps.apply_row_gradients.remote(r, gradient)) for r in batches], sizes.rounds),
-    }
+    return rates(per_round, {
+        "sparse_pull_rows_per_s": lambda: [ray.get(ps.get_rows.remote(r)) for r in batches],
+        "sparse_push_rows_per_s": lambda: [ray.get(ps.apply_row_gradients.remote(r, gradient)) for r in batches],
+    }, sizes.rounds)
 
 
 def _small(ps: ray.actor.ActorHandle, sizes: PeerSizes) -> Samples:

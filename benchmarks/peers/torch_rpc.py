@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import rpc
 
-from benchmarks.limits import timed_rounds
+from benchmarks.limits import rates
 from benchmarks.peers import PeerSizes, Samples, reply
 
 RPC_TIMEOUT_S = 60.0
@@ -105,21 +105,16 @@ def _train(sizes: PeerSizes) -> Samples:
     batches = [torch.randint(0, sizes.table_rows, (sizes.batch_rows,), generator=gen) for _ in range(sizes.requests)]
     delta = torch.ones(sizes.batch_rows, sizes.cols)
     rows_per_round = sizes.requests * sizes.batch_rows
-    samples: Samples = {}
-
-    def rate(per_round: float, action: Callable[[], object], rounds: int) -> list[float]:
-        return [per_round / t for t in timed_rounds(action, rounds)]
-
-    samples["sparse_pull_rows_per_s"] = rate(
-        rows_per_round, lambda: [_sync(ParameterServer.pull, ps, rows) for rows in batches], sizes.rounds)
-    samples["sparse_push_rows_per_s"] = rate(
-        rows_per_round, lambda: [_sync(ParameterServer.push, ps, rows, delta) for rows in batches], sizes.rounds)
+    samples: Samples = rates(rows_per_round, {
+        "sparse_pull_rows_per_s": lambda: [_sync(ParameterServer.pull, ps, rows) for rows in batches],
+        "sparse_push_rows_per_s": lambda: [_sync(ParameterServer.push, ps, rows, delta) for rows in batches],
+    }, sizes.rounds)
 
     dense_delta = torch.ones(sizes.dense_bytes // 4)
-    samples["dense_pull_gbps"] = rate(sizes.dense_bytes / 1e9, lambda: _sync(ParameterServer.pull_dense, ps),
-                                      sizes.dense_rounds)
-    samples["dense_push_gbps"] = rate(sizes.dense_bytes / 1e9,
-                                      lambda: _sync(ParameterServer.push_dense, ps, dense_delta), sizes.dense_rounds)
+    samples.update(rates(sizes.dense_bytes / 1e9, {
+        "dense_pull_gbps": lambda: _sync(ParameterServer.pull_dense, ps),
+        "dense_push_gbps": lambda: _sync(ParameterServer.push_dense, ps, dense_delta),
+    }, sizes.dense_rounds))
 
     latencies = []
     for i in range(sizes.small_gets + sizes.small_gets // 10):
