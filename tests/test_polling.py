@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import psutil
@@ -124,7 +125,9 @@ def test_a_reply_after_the_window_is_waited_for_asleep(late_sender: socket.socke
 def test_a_poll_that_shares_its_cpu_polls_on_and_lets_the_other_process_run(late_sender: socket.socket) -> None:
     """On a core another process wants, each poll's yield lets that process run; the
     poll keeps going (sleeping would leave its core idle for the server's threads to
-    move onto) and reads the reply without sleeping."""
+    move onto) and reads the reply without sleeping. The process's share while the poll
+    runs is judged against its share while this thread sleeps, which other load on the
+    machine lowers too; a poll that did not yield would leave it half."""
     cpu = min(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -132,15 +135,27 @@ def test_a_poll_that_shares_its_cpu_polls_on_and_lets_the_other_process_run(late
         os.sched_setaffinity(busy.pid, {cpu})
         os.sched_setaffinity(0, {cpu})  # this thread and the busy process take turns on one CPU
         other = psutil.Process(busy.pid)
+
+        def share_while(wait: Callable[[], object]) -> float:
+            """The busy process's CPU seconds over the wall seconds that wait() took."""
+            ran, start = sum(other.cpu_times()[:2]), time.perf_counter()
+            wait()
+            return (sum(other.cpu_times()[:2]) - ran) / (time.perf_counter() - start)
+
         for _ in range(10):  # until the busy process has started, and so competes
-            ran = sum(other.cpu_times()[:2])
-            time.sleep(0.05)
-            if sum(other.cpu_times()[:2]) - ran > 0.02:
+            if share_while(lambda: time.sleep(0.05)) > 0.4:
                 break
-        ran, start = sum(other.cpu_times()[:2]), time.perf_counter()
-        assert _slept_while_reading(late_sender, ReplyClock(2.0), 100) == 0  # polled 100 ms through
-        waited, its_share = time.perf_counter() - start, sum(other.cpu_times()[:2]) - ran
-        assert its_share > 0.5 * waited, (its_share, waited)  # the yields gave the core away
+        shares = []
+        for _ in range(3):  # a burst of other load can fall on either measurement
+            alone = share_while(lambda: time.sleep(0.2))
+            slept: list[int] = []
+            polling = share_while(lambda: slept.append(_slept_while_reading(late_sender, ReplyClock(2.0), 200)))
+            assert slept == [0]  # polled the 200 ms through
+            shares.append((polling, alone))
+            if polling > 0.75 * alone:  # the yields gave the core away
+                break
+        else:
+            raise AssertionError(f"the busy process's CPU share while polling / while asleep: {shares}")
     finally:
         os.sched_setaffinity(0, before)
         busy.kill()
@@ -167,28 +182,37 @@ def test_mv_poll_us_sets_the_window_limit(monkeypatch: pytest.MonkeyPatch) -> No
 def test_a_server_loop_polls_for_twice_the_recent_gap_within_its_limit() -> None:
     loop = asyncio.new_event_loop()
     try:
-        polling = LoopPolling(loop, 2e-3)
-        polling.request_arrived()  # nothing known yet: the whole limit
-        assert 0 < polling.poll_until - time.perf_counter() <= 2e-3
-        loop.run_until_complete(asyncio.sleep(0.01))  # the window passes: polling ends by itself
+        for _ in range(10):  # a round needs the loop to run within the window: a busy machine may delay it
+            polling = LoopPolling(loop, 2e-3)
+            start = time.perf_counter()
+            polling.request_arrived()  # nothing known yet: the whole limit
+            assert start + 2e-3 <= polling.poll_until <= time.perf_counter() + 2e-3
+            loop.run_until_complete(asyncio.sleep(0.01))  # the window passes: polling ends by itself
+            if polling.rounds:
+                break
         assert polling.rounds > 0 and not polling._polling
         rounds = polling.rounds
-        polling.request_arrived()  # 10 ms after the last: longer than the limit, so no polling
+        polling.request_arrived()  # 10 ms or more after the last: longer than the limit, so no polling
         assert polling.poll_until == 0.0
         loop.run_until_complete(asyncio.sleep(0.005))
         assert polling.rounds == rounds
-        polling.gap = 0.3e-3
-        polling.request_arrived()
-        assert 0 < polling.poll_until - time.perf_counter() <= 0.6e-3 + 2 * polling.gap
+        recent = LoopPolling(loop, 2e-3)
+        recent.gap = 0.3e-3  # its first request: no gap to average in
+        start = time.perf_counter()
+        recent.request_arrived()
+        assert start + 0.6e-3 <= recent.poll_until <= time.perf_counter() + 0.6e-3  # twice the gap
         busy = [True]  # a table thread runs a job: the loop leaves the GIL to it, asleep
         paused = LoopPolling(loop, 2e-3, busy=lambda: busy[0])
         paused.request_arrived()
         loop.run_until_complete(asyncio.sleep(0))
         assert paused.rounds == 0 and not paused._polling and paused.poll_until
         busy[0] = False
-        paused.poll_until = time.perf_counter() + 2e-3  # the window, however long the loop took to get here
-        paused.resume()  # the job's reply went out: poll for the rest of the window
-        loop.run_until_complete(asyncio.sleep(0.01))
+        for _ in range(10):
+            paused.poll_until = time.perf_counter() + 2e-3  # the window, however long the loop took to get here
+            paused.resume()  # the job's reply went out: poll for the rest of the window
+            loop.run_until_complete(asyncio.sleep(0.01))
+            if paused.rounds:
+                break
         assert paused.rounds > 0 and not paused._polling
         never = LoopPolling(loop, 0.0)
         never.request_arrived()
