@@ -266,8 +266,10 @@ def _unix_listener(name: str) -> socket.socket:
     return sock
 
 
-def _echo_server(port_conn: Connection, parent_pid: int, unix: bool) -> None:
+def _echo_server(port_conn: Connection, parent_pid: int, unix: bool, cpu: int | None) -> None:
     watchdog(parent_pid)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     _uv_run(_serve_echo(port_conn, unix))
 
 
@@ -302,9 +304,10 @@ class _EchoClient(_FramedProtocol):
 
 
 def _run_echo(window: int, body: Callable[[_EchoClient], Awaitable[Any]], timeout_s: float, what: str,
-              unix: bool = False) -> Any:
+              unix: bool = False, cpus: tuple[int, int] | None = None) -> Any:
     """Run body on a client of a fresh echo helper (over TCP, or a Unix socket with
-    `unix`), on a fresh uvloop loop, within timeout_s."""
+    `unix`), on a fresh uvloop loop, within timeout_s; with `cpus`, the client's thread
+    runs on the first CPU and the helper on the second."""
 
     async def session(port: int | str) -> Any:
         loop = asyncio.get_running_loop()
@@ -319,16 +322,42 @@ def _run_echo(window: int, body: Callable[[_EchoClient], Awaitable[Any]], timeou
         finally:
             transport.close()
 
-    with _helper(_echo_server, unix) as port:
+    client_cpu, helper_cpu = cpus or (None, None)
+    with _helper(_echo_server, unix, helper_cpu) as port, _on_cpu(client_cpu):
         try:
             return _uv_run(asyncio.wait_for(session(port), timeout_s))
         except asyncio.TimeoutError:
             raise LimitTimeout(f"{what} took over {timeout_s:g} s") from None
 
 
-def uvloop_pingpong_us(n: int = 2000, warmup: int = 200, timeout_s: float = 60.0, unix: bool = False) -> LatencyUs:
+@contextmanager
+def _on_cpu(cpu: int | None) -> Iterator[None]:
+    """Run the calling thread on `cpu` only (None: leave it be), and restore its CPUs after."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def two_cpus() -> tuple[int, int] | None:
+    """Two CPUs this process may run on (Linux), or None."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+def uvloop_pingpong_us(n: int = 2000, warmup: int = 200, timeout_s: float = 60.0, unix: bool = False,
+                       cpus: tuple[int, int] | None = None) -> LatencyUs:
     """Round-trip latency percentiles in microseconds for one 100-byte message at a time,
-    over TCP or (`unix`) an abstract Unix socket."""
+    over TCP or (`unix`) an abstract Unix socket. With `cpus`, the two ends run on those
+    two CPUs; without, where the kernel puts them (often both on one CPU, where a
+    wake-up costs the least)."""
 
     async def body(client: _EchoClient) -> list[float]:
         times: list[float] = []
@@ -338,7 +367,7 @@ def uvloop_pingpong_us(n: int = 2000, warmup: int = 200, timeout_s: float = 60.0
             times.append(time.perf_counter() - start)
         return times[warmup:]
 
-    times_us = np.array(_run_echo(1, body, timeout_s, f"{n} uvloop round trips", unix)) * 1e6
+    times_us = np.array(_run_echo(1, body, timeout_s, f"{n} uvloop round trips", unix, cpus)) * 1e6
     return LatencyUs(p50=float(np.percentile(times_us, 50)), p99=float(np.percentile(times_us, 99)))
 
 
@@ -366,11 +395,14 @@ def measure_all(quick: bool = False) -> dict[str, float]:
     size = (16 if quick else 64) * MiB
     latency = uvloop_pingpong_us(n=500 if quick else 2000)
     unix = uvloop_pingpong_us(n=500 if quick else 2000, unix=True) if sys.platform == "linux" else None
+    cpus = two_cpus()
+    apart = None if cpus is None else uvloop_pingpong_us(n=500 if quick else 2000, cpus=cpus)
     return {
         "socket_stream_gbps": socket_stream_gbps(size, rounds=3),
         "uvloop_pingpong_p50_us": latency["p50"],
         "uvloop_pingpong_p99_us": latency["p99"],
         **({} if unix is None else {"uvloop_pingpong_unix_p50_us": unix["p50"]}),
+        **({} if apart is None else {"uvloop_pingpong_two_cpus_p50_us": apart["p50"]}),
         "uvloop_pipelined_msgs_per_s": uvloop_pipelined_msgs_per_s(n=20_000 if quick else 100_000),
         "memcpy_gbps": memcpy_gbps(size, rounds=3 if quick else 5),
     }

@@ -1,10 +1,13 @@
 """Smoke tests of the benchmark suite's newer parts on tiny sizes: the Ray actor peer (when
 ray is installed) leaves no daemon behind, the concurrent push ends at its closed form,
 the scaling run checks every server count, the memory probe reads peaks, and the comparison
-rows invert targets for latencies, and the actions timed side by side take turns."""
+rows invert targets for latencies, the actions timed side by side take turns, and the
+round trip across two CPUs runs its ends where it says."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,3 +116,22 @@ def test_actions_timed_side_by_side_take_turns_after_one_warm_up_each() -> None:
     assert all(t >= 0 for t in times["a"] + times["b"])
     rates = limits.rates(10.0, {"slow": lambda: time.sleep(0.02)}, 2)["slow"]
     assert len(rates) == 2 and all(0 < r <= 10.0 / 0.02 for r in rates)  # per_round / seconds
+
+
+@pytest.mark.timeout(60)
+def test_the_round_trip_across_two_cpus_runs_its_ends_there_and_gives_the_caller_its_cpus_back() -> None:
+    cpus = limits.two_cpus()
+    if cpus is None:
+        pytest.skip("needs two CPUs and sched_setaffinity (Linux)")
+    before = os.sched_getaffinity(0)
+
+    async def where(client: object) -> tuple[set[int], list[list[int]]]:
+        helpers = [psutil.Process(child.pid).cpu_affinity() for child in mp.active_children()]
+        return os.sched_getaffinity(0), helpers
+
+    client_cpus, helper_cpus = limits._run_echo(1, where, 30.0, "affinity probe", cpus=cpus)
+    assert client_cpus == {cpus[0]} and helper_cpus == [[cpus[1]]]
+    assert os.sched_getaffinity(0) == before
+    latency = limits.uvloop_pingpong_us(n=50, warmup=5, cpus=cpus)
+    assert 0 < latency["p50"] <= latency["p99"]
+    assert os.sched_getaffinity(0) == before
