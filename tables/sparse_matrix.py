@@ -6,7 +6,6 @@ when the row changes."""
 
 from __future__ import annotations
 
-import threading
 import weakref
 from concurrent.futures import Future
 from typing import Any, Optional
@@ -97,8 +96,6 @@ class _Cache:
     def __init__(self, values: np.ndarray):
         self.values = values
         self.cold = True  # the next get asks for every row: nothing cached yet, or a get failed
-        self.repeats = arrayops.RepeatSums()  # drops a get's repeated rows (4 bytes a row)
-        self.lock = threading.Lock()  # for repeats: gets may come from several threads
 
 
 _caches: "weakref.WeakValueDictionary[tuple[Any, int], _Cache]" = weakref.WeakValueDictionary()
@@ -131,8 +128,7 @@ class SparseMatrixTable(MatrixTable):
         if rows is None:
             parts = [Part(p, {**args, **span}, reply_bytes=(hi - lo) * row_bytes) for p, lo, hi, span in self._spans()]
         else:
-            with self._shared.lock:
-                distinct = self._shared.repeats.distinct(rows, self.num_rows)
+            distinct = arrayops.distinct_rows(rows)
             parts = [Part(p, args, [distinct if len(pos) == len(distinct) else distinct[pos]],
                           reply_bytes=len(pos) * row_bytes) for p, pos in self._ranges.split(distinct)]
         future = self._submit("get", parts, self._merge_rows, result,
