@@ -360,8 +360,9 @@ def _moved(shard, worker: int, rows: list[int]) -> list[int]:
 
 
 def test_shard_tracks_more_workers_than_its_first_flags_hold() -> None:
-    """A shard's flags start with room for 4 workers and grow: workers who joined before
-    the growth keep what they have seen, and a change reaches every worker exactly once."""
+    """A shard's flags start with room for 8 workers (a bit each in a byte a row) and
+    grow: workers who joined before the growth keep what they have seen, and a change
+    reaches every worker exactly once."""
     from multiverso_py.tables.base import TableSpec
     from multiverso_py.tables.sparse_matrix import SparseRowShard
 
@@ -370,9 +371,9 @@ def test_shard_tracks_more_workers_than_its_first_flags_hold() -> None:
     for worker in range(3):
         assert _moved(shard, worker, asked) == [10, 12, 12, 29]  # a repeated stale row moves twice
     shard.add({}, [np.array([12, 20], np.int64), np.ones((2, 2), np.float32)])
-    for worker in range(3, 9):  # workers 4.. need more columns than the shard started with
+    for worker in range(3, 9):  # worker 8 needs a second byte a row
         assert _moved(shard, worker, asked) == [10, 12, 12, 29]
-    assert shard._fresh.shape[1] > 4
+    assert shard._fresh.shape[1] > 1
     for worker in range(3):  # their flags survived the growth: only the changed row moves
         assert _moved(shard, worker, asked) == [12, 12]
     for worker in range(9):
@@ -385,6 +386,22 @@ def test_shard_tracks_more_workers_than_its_first_flags_hold() -> None:
     assert _moved(shard, 7, [10, 14, 15, 29]) == [10, 14, 15]  # 15: never sent to worker 7
     shard.restore_arrays({"data": shard.data.copy()})
     assert _moved(shard, 0, [20, 29]) == [20, 29]  # both fresh in worker 0's cache before
+
+
+@pytest.mark.parametrize("workers", [8, 16, 33, 70])
+def test_a_change_reaches_each_of_many_workers_once(workers: int) -> None:
+    """Whatever the flags' width (one byte a row up to 8 workers, a word up to 64, whole
+    words beyond), a change clears every worker's bit of the row and no other row's."""
+    from multiverso_py.tables.base import TableSpec
+    from multiverso_py.tables.sparse_matrix import SparseRowShard
+
+    shard = SparseRowShard(TableSpec("sparse_matrix", (20, 2)), (2,), 0, 20)
+    for worker in range(workers):
+        assert _moved(shard, worker, [3, 7, 19]) == [3, 7, 19]
+    shard.add({}, [np.array([7], np.int64), np.ones((1, 2), np.float32)])
+    for worker in range(workers):
+        assert _moved(shard, worker, [3, 7, 19]) == [7], worker
+        assert _moved(shard, worker, [3, 7, 19]) == []
 
 
 def test_shard_get_refuses_a_get_without_its_worker() -> None:
