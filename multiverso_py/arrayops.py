@@ -69,10 +69,10 @@ def nonzero_rows(values: np.ndarray) -> np.ndarray:
 class RepeatSums:
     """Finds the rows that a request names more than once, for one table or shard, in
     linear time: a scratch slot per row remembers which position of the request last
-    named it, so repeats show up without a sort (an argsort of 4096 ids costs 2x this). Called,
-    it sums repeated rows' deltas. The slots are np.empty: only
-    the pages of rows that requests touch take memory, 4 bytes a row at most. Not
-    thread-safe: a shard's requests are serialised; a worker's table holds a lock."""
+    named it, so repeats show up with their positions and without a sort (an argsort of
+    4096 ids costs 2x this). Called, it sums repeated rows' deltas. The slots are
+    np.empty: only the pages of rows that requests touch take memory, 4 bytes a row at
+    most. Not thread-safe: a shard's requests are serialised."""
 
     def __init__(self) -> None:
         self._last = np.empty(0, np.int32)
@@ -107,7 +107,7 @@ def distinct_rows(rows: np.ndarray) -> np.ndarray:
     """Each row id in `rows` once, in ascending order. A sort, where the positions of
     repeats are not needed: for 4096 random ids of a large table it takes half the time
     of RepeatSums' scratch slots, which a worker's traffic keeps evicting from the cache
-    (a sparse get 10-13% faster), and it keeps no scratch."""
+    (a sparse get 10-12% faster), and it keeps no scratch."""
     ordered = np.sort(rows)
     first = np.empty(len(ordered), bool)
     first[:1] = True

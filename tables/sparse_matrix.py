@@ -62,8 +62,8 @@ class SparseRowShard(DenseRowShard):
             raise InvalidArgument("a sparse get names its worker: args {'w': id}")
         if len(arrays) > 1:
             raise InvalidArgument(f"a get carries at most row ids, got {len(arrays)} arrays")
-        byte, mask = divmod(self._worker_bit(worker), 8)
-        mask = np.uint8(1 << mask)
+        byte, bit = divmod(self._worker_bit(worker), 8)
+        mask = np.uint8(1 << bit)
         if arrays:
             where = changed = self._local_rows(arrays[0])
         else:
