@@ -106,18 +106,14 @@ def interleaved_rounds(actions: dict[str, Callable[[], object]], rounds: int) ->
     return times
 
 
-def timed_rounds(action: Callable[[], object], rounds: int) -> list[float]:
-    """Seconds of each of rounds calls, after one untimed warm-up call."""
-    return interleaved_rounds({"": action}, rounds)[""]
-
-
 def rates(per_round: float, actions: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
     """per_round / seconds for each round of each action, the actions interleaved."""
     return {name: [per_round / t for t in times] for name, times in interleaved_rounds(actions, rounds).items()}
 
 
 def _median_s(action: Callable[[], object], rounds: int) -> float:
-    return statistics.median(timed_rounds(action, rounds))
+    """Median seconds of rounds calls, after one untimed warm-up call."""
+    return statistics.median(interleaved_rounds({"": action}, rounds)[""])
 
 
 def _stream_receiver(port_conn: Connection, parent_pid: int, nbytes: int, rounds: int) -> None:
@@ -393,10 +389,11 @@ def memcpy_gbps(nbytes: int = 64 * MiB, rounds: int = 5) -> float:
 def measure_all(quick: bool = False) -> dict[str, float]:
     """Every limit, flat; quick=True trades precision for a run of a few seconds."""
     size = (16 if quick else 64) * MiB
-    latency = uvloop_pingpong_us(n=500 if quick else 2000)
-    unix = uvloop_pingpong_us(n=500 if quick else 2000, unix=True) if sys.platform == "linux" else None
+    trips = 500 if quick else 2000
+    latency = uvloop_pingpong_us(n=trips)
+    unix = uvloop_pingpong_us(n=trips, unix=True) if sys.platform == "linux" else None
     cpus = two_cpus()
-    apart = None if cpus is None else uvloop_pingpong_us(n=500 if quick else 2000, cpus=cpus)
+    apart = None if cpus is None else uvloop_pingpong_us(n=trips, cpus=cpus)
     return {
         "socket_stream_gbps": socket_stream_gbps(size, rounds=3),
         "uvloop_pingpong_p50_us": latency["p50"],
